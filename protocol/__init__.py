@@ -1,0 +1,1 @@
+"""The wire between daemon and workers: message types and their msgpack encoding with limits."""
