@@ -35,7 +35,9 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default per device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
+    p.add_argument("--max-model-len", type=int, default=None, help="cap on tokens per sequence")
     p.add_argument("--worker-id", default=None, help="identity on the wire (default host-pid)")
+    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # local workers: exit with the daemon
 
 
 def _add_pull(p: argparse.ArgumentParser) -> None:
@@ -65,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    if args.command == "worker":
+        # names are resolved here so the worker package never imports daemon code
+        from daemon.models import resolve_model
+
+        args.model = str(resolve_model(args.model, pull=True))
     module = importlib.import_module(_COMMANDS[args.command][0])
     return int(module.run(args) or 0)
 
