@@ -1,0 +1,312 @@
+"""The OpenAI-compatible HTTP API (aiohttp): completions and chat, streaming or not, models, health.
+
+Every handler validates and admits a request before anything is queued, and its `finally` is the one
+place where a vanished client's sequences are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from daemon.engine import Delta, Engine, Replica, RequestStream
+from daemon.requests import APIError, GenerationRequest, parse_generation
+from daemon.scheduler import Sequence
+from daemon.tokenizer import ChatTemplateError, Tokenizer
+from protocol.messages import SamplingParams
+
+log = logging.getLogger("nimbus.api")
+# prompts longer than this are tokenized on a thread so the event loop keeps serving
+INLINE_TOKENIZE_CHARS = 2048
+
+
+@dataclass(slots=True)
+class ApiState:
+    engine: Engine
+    tokenizer: Tokenizer
+    served_model_name: str
+    max_waiting_requests: int = 512
+    replica_wait_s: float = 30.0
+    draining: bool = False
+
+
+STATE = web.AppKey("state", ApiState)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Turns every failure into OpenAI's error shape; nothing a client sends escapes as a 500 traceback."""
+    try:
+        return await handler(request)
+    except APIError as exc:
+        return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
+    except web.HTTPRequestEntityTooLarge as exc:
+        err = APIError(f"request body too large (limit {exc.max_size} bytes)", status=413, code="body_too_large")
+        return web.json_response(err.body(), status=413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        err = APIError(exc.reason, status=exc.status, code=exc.reason.lower().replace(" ", "_"))
+        return web.json_response(err.body(), status=exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("internal error on %s", request.path)
+        err = APIError("internal server error", status=500, code="internal_error")
+        return web.json_response(err.body(), status=500)
+
+
+def make_app(state: ApiState, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_middleware])
+    app[STATE] = state
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_get("/ready", ready)
+    return app
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    ok = state.engine.ready and not state.draining
+    replicas = sum(r.alive for r in state.engine.replicas.values())
+    return web.json_response({"ready": ok, "replicas": replicas}, status=200 if ok else 503)
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    card = {"id": state.served_model_name, "object": "model", "created": 0, "owned_by": "nimbus",
+            "max_model_len": state.engine.max_model_len or None}
+    return web.json_response({"object": "list", "data": [card]})
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def _read_json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise APIError(f"malformed JSON body: {exc}", code="invalid_json") from None
+
+
+async def _tokenize(state: ApiState, req: GenerationRequest) -> list[list[int]]:
+    tok = state.tokenizer
+    if req.chat:
+        try:
+            text = tok.apply_chat_template(req.messages, add_generation_prompt=True, **req.chat_template_kwargs)
+        except (ChatTemplateError, ValueError) as exc:
+            raise APIError(f"cannot apply the chat template: {exc}", param="messages") from None
+        texts: list[str | list[int]] = [text]
+        special = False  # the template already wrote every special token
+    else:
+        texts, special = req.prompts, True
+    out = []
+    for item in texts:
+        if isinstance(item, list):
+            out.append(item)
+        elif len(item) > INLINE_TOKENIZE_CHARS:
+            out.append(await asyncio.to_thread(tok.encode, item, special))
+        else:
+            out.append(tok.encode(item, special))
+    return out
+
+
+def _limit_tokens(req: GenerationRequest, prompts: list[list[int]], max_len: int) -> int:
+    longest = max(len(p) for p in prompts)
+    if min(len(p) for p in prompts) == 0:
+        raise APIError("the prompt is empty", param="prompt", code="empty_prompt")
+    if longest >= max_len:
+        raise APIError(f"This model's maximum context length is {max_len} tokens, but the prompt has "
+                       f"{longest} tokens.", param="messages" if req.chat else "prompt", code="context_length_exceeded")
+    if req.max_tokens is None:
+        return max_len - longest
+    if longest + req.max_tokens > max_len:
+        raise APIError(f"This model's maximum context length is {max_len} tokens. However, you requested "
+                       f"{longest + req.max_tokens} tokens ({longest} in the prompt, {req.max_tokens} for the "
+                       f"completion).", param="max_tokens", code="context_length_exceeded")
+    return req.max_tokens
+
+
+def _sequence_factory(req: GenerationRequest, prompt: list[int], max_tokens: int, tok: Tokenizer, choice: int):
+    stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(tok.eos_token_ids))
+    seed = None if req.seed is None else (req.seed + choice + 2**63) % 2**64 - 2**63
+    sampling = SamplingParams(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, seed=seed, logprobs=req.logprobs,
+        logit_bias=req.logit_bias, min_tokens=req.min_tokens, stop_token_ids=tuple(sorted(stop_ids)),
+    )
+
+    def make(seq_id: int) -> Sequence:
+        return Sequence(seq_id=seq_id, prompt_token_ids=list(prompt), sampling=sampling, max_tokens=max_tokens,
+                        stop_token_ids=frozenset(stop_ids), min_tokens=req.min_tokens)
+
+    return make
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    state = request.app[STATE]
+    if state.draining:
+        raise APIError("the server is shutting down", status=503, code="draining", headers={"Retry-After": "5"})
+    req = parse_generation(await _read_json(request), chat, state.tokenizer.vocab_size)
+    if req.model != state.served_model_name:
+        raise APIError(f"The model '{req.model}' does not exist; this server serves "
+                       f"'{state.served_model_name}'", status=404, param="model", code="model_not_found")
+    if not state.engine.ready and not await state.engine.wait_ready(state.replica_wait_s):
+        raise APIError("no worker is ready to serve this model", status=503, code="no_replica",
+                       headers={"Retry-After": "5"})
+    prompts = await _tokenize(state, req)
+    max_tokens = _limit_tokens(req, prompts, state.engine.max_model_len)
+    total = len(prompts) * req.n
+    if state.engine.num_waiting() + total > state.max_waiting_requests:
+        raise APIError("too many requests waiting; retry shortly", status=429, code="queue_full",
+                       headers={"Retry-After": "1"})
+    stream = RequestStream(total)
+    placed: list[tuple[Replica, list[Sequence]]] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            for j in range(req.n):
+                make = _sequence_factory(req, prompt, max_tokens, state.tokenizer, j)
+                placed.append(state.engine.submit(stream, prompt, make, 1, req.stop, i * req.n + j))
+        response = Response(req, state, prompts, placed)
+        if req.stream:
+            return await response.stream(request, stream)
+        return await response.collect(stream)
+    finally:
+        for replica, seqs in placed:  # a client that left (or an error) frees its sequences at the next step
+            for seq in seqs:
+                if seq.finish_reason is None:
+                    replica.abort(seq.seq_id)
+
+
+class Response:
+    """Turns deltas into OpenAI completion / chat completion bodies and SSE chunks."""
+
+    def __init__(self, req: GenerationRequest, state: ApiState, prompts: list[list[int]],
+                 placed: list[tuple[Replica, list[Sequence]]]) -> None:
+        self.req, self.state, self.prompts, self.placed = req, state, prompts, placed
+        self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if req.chat else "text_completion"
+        self.text_offset = [0] * (len(prompts) * req.n)
+
+    def usage(self) -> dict[str, Any]:
+        seqs = [s for _, ss in self.placed for s in ss]
+        prompt_tokens = sum(len(p) for p in self.prompts)
+        completion = sum(len(s.output_token_ids) for s in seqs)
+        cached = sum(ss[0].num_cached_tokens for _, ss in self.placed[:: self.req.n])
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+                "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
+
+    def _logprobs(self, delta: Delta) -> dict[str, Any] | None:
+        if self.req.logprobs is None:
+            return None
+        tok = self.state.tokenizer
+        n = self.req.logprobs
+        ids = [t for t, _, _ in delta.logprobs]
+        names = tok.token_strings(ids)
+        if self.req.chat:
+            content = []
+            for (token, lp, top), name in zip(delta.logprobs, names):
+                top_names = tok.token_strings([t for t, _ in top[:n]])
+                content.append({"token": name, "logprob": lp, "bytes": tok.token_bytes(token),
+                                 "top_logprobs": [{"token": tn, "logprob": tlp, "bytes": tok.token_bytes(t)}
+                                                  for (t, tlp), tn in zip(top[:n], top_names)]})
+            return {"content": content}
+        offsets = []
+        for name in names:
+            offsets.append(self.text_offset[delta.index])
+            self.text_offset[delta.index] += len(name)
+        tops = [dict(zip(tok.token_strings([t for t, _ in top[:n]]), [lp for _, lp in top[:n]]))
+                for _, _, top in delta.logprobs]
+        return {"tokens": names, "token_logprobs": [lp for _, lp, _ in delta.logprobs],
+                "top_logprobs": tops, "text_offset": offsets}
+
+    def _merge_logprobs(self, parts: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+        parts = [p for p in parts if p]
+        if self.req.logprobs is None:
+            return None
+        if self.req.chat:
+            return {"content": [c for p in parts for c in p["content"]]}
+        return {k: [x for p in parts for x in p[k]] for k in ("tokens", "token_logprobs", "top_logprobs",
+                                                              "text_offset")}
+
+    async def collect(self, stream: RequestStream) -> web.Response:
+        total = len(self.prompts) * self.req.n
+        texts = [""] * total
+        finish: list[str | None] = [None] * total
+        logprobs: list[list[dict[str, Any] | None]] = [[] for _ in range(total)]
+        while not stream.finished:
+            for d in await stream.get():
+                texts[d.index] += d.text
+                finish[d.index] = d.finish_reason or finish[d.index]
+                logprobs[d.index].append(self._logprobs(d))
+        if stream.error:
+            raise APIError(stream.error, status=503, code="generation_failed")
+        choices = []
+        for i in range(total):
+            lp = self._merge_logprobs(logprobs[i])
+            if self.req.chat:
+                choices.append({"index": i, "message": {"role": "assistant", "content": texts[i]},
+                                "logprobs": lp, "finish_reason": finish[i]})
+            else:
+                choices.append({"index": i, "text": texts[i], "logprobs": lp, "finish_reason": finish[i]})
+        return web.json_response({"id": self.id, "object": self.object, "created": self.created,
+                                  "model": self.req.model, "choices": choices, "usage": self.usage()})
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> bytes:
+        body: dict[str, Any] = {"id": self.id, "object": self.object + (".chunk" if self.req.chat else ""),
+                                "created": self.created, "model": self.req.model, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+
+    async def stream(self, request: web.Request, stream: RequestStream) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        if self.req.chat:
+            first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                      "finish_reason": None} for i in range(len(self.prompts) * self.req.n)]
+            await resp.write(self._chunk(first))
+        while not stream.finished:
+            choices = []
+            for d in await stream.get():
+                if not d.text and d.finish_reason is None and not d.logprobs:
+                    continue  # text held back (partial character or possible stop string)
+                lp = self._logprobs(d)
+                if self.req.chat:
+                    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+                    choices.append({"index": d.index, "delta": delta, "logprobs": lp,
+                                    "finish_reason": d.finish_reason})
+                else:
+                    choices.append({"index": d.index, "text": d.text, "logprobs": lp,
+                                    "finish_reason": d.finish_reason})
+            if choices:
+                await resp.write(self._chunk(choices))
+        if stream.error:
+            err = APIError(stream.error, status=503, code="generation_failed").body()
+            await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
+        elif self.req.include_usage:
+            await resp.write(self._chunk([], self.usage()))
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp

@@ -1,0 +1,113 @@
+"""Nimbus configuration: small frozen dataclasses, one per component, read from one TOML file.
+
+Precedence: built-in defaults < the TOML file (`--config`) < command-line flags. Each component
+receives only its own section.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from daemon.scheduler import SchedulerConfig
+
+
+class ConfigError(ValueError):
+    """The configuration file or a flag holds something Nimbus cannot use."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = 4 * 1024 * 1024
+    # requests waiting for a slot, per model, before new ones get 429
+    max_waiting_requests: int = 512
+    # a request that finds no live replica waits this long for one before 503
+    replica_wait_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive(self, "port", "max_body_bytes", "max_waiting_requests")
+        if not 0 < self.port < 65536:
+            raise ConfigError(f"server.port {self.port} is not a TCP port")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    model: str | None = None  # a checkpoint folder or a name `nimbus pull` knows; None = the default
+    served_model_name: str | None = None  # default: the folder's name
+    max_model_len: int | None = None  # default: what the workers report
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    count: int | None = None  # local worker processes; None = one per GPU, or 1 on a CPU-only host
+    device: str | None = None  # cpu, cuda (one worker per visible GPU) or cuda:N
+    dtype: str | None = None
+    kv_cache_memory: str = "2GiB"  # per worker, on CPU; GPUs use a fraction of free memory
+    threads: int | None = None  # torch threads per CPU worker; None = the cores split between workers
+    block_size: int = 16
+    runtime_dir: str | None = None  # where the ipc:// socket lives; default $XDG_RUNTIME_DIR/nimbus
+    bind: str | None = None  # extra tcp://HOST:PORT for workers on other hosts; none by default
+    startup_timeout_s: float = 300.0
+    step_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        if self.count is not None and self.count < 0:
+            raise ConfigError("workers.count must be >= 0")
+        _positive(self, "block_size", "startup_timeout_s", "step_timeout_s")
+
+
+@dataclass(frozen=True, slots=True)
+class NimbusConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+_SECTIONS = {f.name: f.default_factory for f in fields(NimbusConfig)}  # type: ignore[misc]
+
+
+def _positive(obj: object, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ConfigError(f"{type(obj).__name__}.{name} must be positive")
+
+
+def _section(cls: type, values: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}")
+    try:
+        return cls(**values)
+    except TypeError as exc:
+        raise ConfigError(f"[{where}]: {exc}") from None
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> NimbusConfig:
+    """Defaults, then the TOML file, then `overrides` ({section: {key: value}}, None values ignored)."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from None
+    unknown = set(raw) - set(_SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))} (known: {', '.join(_SECTIONS)})")
+    sections = {}
+    for name, factory in _SECTIONS.items():
+        values = dict(raw.get(name, {}))
+        values.update({k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None})
+        default = factory()
+        sections[name] = _section(type(default), values, name) if values else default
+    return NimbusConfig(**sections)
+
+
+def with_overrides(config: NimbusConfig, section: str, **values: Any) -> NimbusConfig:
+    return replace(config, **{section: replace(getattr(config, section), **values)})
