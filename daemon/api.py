@@ -71,6 +71,7 @@ def make_app(state: ApiState, max_body_bytes: int = 4 * 1024 * 1024) -> web.Appl
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
+    app.router.add_get("/admin/workers", admin_workers)
     return app
 
 
@@ -83,6 +84,19 @@ async def ready(request: web.Request) -> web.Response:
     ok = state.engine.ready and not state.draining
     replicas = sum(r.alive for r in state.engine.replicas.values())
     return web.json_response({"ready": ok, "replicas": replicas}, status=200 if ok else 503)
+
+
+async def admin_workers(request: web.Request) -> web.Response:
+    engine = request.app[STATE].engine
+    now = time.monotonic()
+    rows = [{
+        "id": r.worker_id, "host": r.hello.host, "pid": r.hello.pid, "device": r.hello.device,
+        "model": r.hello.model, "state": "up" if r.alive else "down", "incarnation": r.incarnation,
+        "last_heartbeat_s": round(now - r.last_heartbeat, 3), "running": r.scheduler.num_running,
+        "waiting": r.scheduler.num_waiting, "kv_usage": round(r.scheduler.kv_usage, 4), "steps": r.steps,
+        "num_blocks": r.hello.num_blocks, "block_size": r.hello.block_size,
+    } for r in engine.replicas.values()]
+    return web.json_response({"epoch": engine.epoch, "workers": rows})
 
 
 async def models(request: web.Request) -> web.Response:

@@ -149,7 +149,12 @@ class Replica:
             finally:
                 self.pending = None
             self.steps += 1
-            for update in self.scheduler.update(plan, result):
+            try:
+                updates = self.scheduler.update(plan, result)
+            except ValueError as exc:  # the result contradicts the plan: the worker broke the contract
+                self._recover(exc)
+                continue
+            for update in updates:
                 self._emit(update)
 
     def _recover(self, exc: BaseException) -> None:
@@ -217,7 +222,8 @@ class Engine:
 
     @property
     def max_model_len(self) -> int:
-        lens = [r.max_model_len for r in self.replicas.values() if r.alive]
+        # the KV pool is a context limit too: the scheduler ends longer sequences with "length"
+        lens = [r.scheduler.max_seq_len for r in self.replicas.values() if r.alive]
         cap = min(lens) if lens else 0
         return min(cap, self.max_model_len_cap) if self.max_model_len_cap else cap
 

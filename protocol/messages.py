@@ -228,6 +228,13 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _short(value: object) -> str:
+    """A bounded repr of a wire value, for error messages."""
+    if isinstance(value, str | bytes):
+        return repr(value[:64])
+    return repr(value) if isinstance(value, int | float | None) else _type_name(value)
+
+
 def _int(lo: int = 0, hi: int = INT64_MAX) -> Checker:
     def check(value: object) -> int:
         if type(value) is not int:  # rejects bool, which is a subclass of int
@@ -310,7 +317,7 @@ def _logit_bias(value: object) -> dict[int, float]:
         try:
             out[_ID(token)] = _BIAS(bias)
         except _Bad as exc:
-            exc.path.append(f"[{token!r:.32}]")
+            exc.path.append(f"[{_short(token)}]")
             raise
     return out
 
@@ -379,7 +386,7 @@ def _decode_fields(cls: type, data: object, skip: frozenset[str] = frozenset()) 
     schema = _SCHEMAS[cls]
     extra = data.keys() - schema.keys() - skip
     if extra:
-        raise _Bad(f"unknown field(s) {', '.join(sorted(repr(k)[:64] for k in extra)[:5])}")
+        raise _Bad(f"unknown field(s) {', '.join(sorted(map(_short, extra))[:5])}")
     missing = _REQUIRED[cls] - data.keys()
     if missing:
         raise _Bad(f"missing field(s) {', '.join(sorted(missing))}")
@@ -486,13 +493,13 @@ def decode(frame: bytes | bytearray | memoryview, max_bytes: int = MAX_FRAME_BYT
     if "v" not in data:
         raise ProtocolError("frame has no protocol version 'v'")
     if type(data["v"]) is not int or data["v"] != PROTOCOL_VERSION:
-        raise ProtocolError(f"unsupported protocol version {data['v']!r:.64} (this side speaks {PROTOCOL_VERSION})")
+        raise ProtocolError(f"unsupported protocol version {_short(data['v'])} (this side speaks {PROTOCOL_VERSION})")
     type_name = data.get("type")
     if type(type_name) is not str:  # also when absent
         raise ProtocolError(f"message type must be a string, got {_type_name(type_name)}")
     cls = _MESSAGE_TYPES.get(type_name)
     if cls is None:
-        raise ProtocolError(f"unknown message type {type_name!r:.64}")
+        raise ProtocolError(f"unknown message type {_short(type_name)}")
     try:
         return _decode_fields(cls, data, skip=_ENVELOPE)
     except _Bad as exc:

@@ -1,0 +1,396 @@
+"""The per-replica scheduler: continuous batching with chunked prefill, prefix reuse and recompute
+preemption, all from one rule over a token budget. Plain synchronous code; the engine only moves messages."""
+
+from __future__ import annotations
+
+import enum
+from bisect import insort
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+
+from daemon.blocks import BlockManager
+from protocol.messages import (
+    INT32_MAX,
+    MAX_ITEMS,
+    BlockAppend,
+    NewSequence,
+    SamplingParams,
+    Step,
+    StepResult,
+    pack_ints,
+    unpack_floats,
+    unpack_ints,
+)
+
+# One sampled token's logprob, then the top alternatives (token id, logprob), best first.
+Logprob = tuple[float, list[tuple[int, float]]]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256  # running sequences at most
+    max_num_batched_tokens: int = 2048  # tokens computed per step at most (the token budget)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.max_num_seqs > MAX_ITEMS:  # a Step carries at most MAX_ITEMS new sequences
+            raise ValueError(f"max_num_seqs must be at most {MAX_ITEMS}")
+
+
+class SequenceStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """The daemon's copy of one generation (one choice of a request: n=2 means two Sequences).
+
+    The daemon keeps every token, so a sequence survives preemption and worker loss: it is recomputed
+    from prompt + output. A stop token stays in output_token_ids (it counts in usage, as in vLLM); the
+    API layer decides what to detokenize.
+    """
+
+    seq_id: int
+    prompt_token_ids: list[int]
+    sampling: SamplingParams  # sent to the worker as is (its min_tokens/stop_token_ids drive the ban)
+    max_tokens: int  # output tokens at most
+    stop_token_ids: frozenset[int] = frozenset()  # EOS and generation_config stop ids; empty with ignore_eos
+    min_tokens: int = 0  # no stop on stop_token_ids before this many output tokens
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] = field(default_factory=list)  # one per output token when sampling.logprobs
+    status: SequenceStatus = SequenceStatus.WAITING
+    num_computed_tokens: int = 0  # tokens whose KV the worker holds (or computes in the step in flight)
+    num_cached_tokens: int = 0  # prefix-cache hit at the first admission, for usage reporting
+    num_preemptions: int = 0  # preemptions and worker losses so far
+    finish_reason: str | None = None  # "stop", "length" or "abort"
+    arrival: int = 0  # set by Scheduler.add: the order of fairness and of preemption
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SequenceStatus.FINISHED
+
+
+@dataclass
+class StepPlan:
+    """One step: the message for the worker and what update() needs to apply its result."""
+
+    step: Step
+    sample_seq_ids: list[int]  # sequences whose chunk reaches their last known token: they sample
+    scheduled: dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed), in batch order
+    preempted_seq_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(n for _, n in self.scheduled.values())
+
+
+Batch = dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed this step), in batch order
+
+
+@dataclass
+class SeqUpdate:
+    """What one step did to one sequence."""
+
+    seq: Sequence
+    new_token_ids: list[int]  # appended this step (0 or 1 tokens)
+    new_logprobs: list[Logprob]  # matching new_token_ids when sampling.logprobs is set
+    finished: bool
+
+
+class Scheduler:
+    """Decides every step of one replica and owns its block tables.
+
+    One plan is in flight at a time: schedule() -> send plan.step -> update(plan, result) -> schedule().
+    Frees (finished, aborted, preempted sequences) ride on the next plan's free_seq_ids; when nothing
+    is left to compute schedule() returns None and they wait for the next plan, which is harmless: the
+    worker only keeps their token lists. An id freed and added again goes out freed and new in one
+    step; the worker applies frees first.
+    """
+
+    def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int, max_model_len: int) -> None:
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {max_model_len}")
+        self.config = config
+        self.block_size = block_size
+        self.blocks = BlockManager(num_blocks, block_size, config.enable_prefix_caching)
+        # The pool is one more context limit: a sequence that could not fit alone would starve, so
+        # sequences end with "length" at whichever is smaller (L tokens need KV for L-1 positions).
+        self.max_seq_len = min(max_model_len, num_blocks * block_size + 1)
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival
+        self._live: dict[int, Sequence] = {}  # waiting + running
+        self._on_worker: set[int] = set()  # sequences the worker knows (sent, not yet freed)
+        self._pending_frees: list[int] = []
+        self._in_flight: StepPlan | None = None
+        self._next_step_id = 0
+        self._next_arrival = 0
+
+    # ----------------------------------------------------------------------------------- queries
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._live)
+
+    @property
+    def kv_usage(self) -> float:
+        return self.blocks.usage
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens still to compute over waiting and running sequences (a load signal for the router)."""
+        return sum(s.num_tokens - s.num_computed_tokens for s in self._live.values())
+
+    def prefix_match_tokens(self, token_ids: Seq[int]) -> int:
+        return self.blocks.prefix_match_tokens(token_ids)
+
+    def get(self, seq_id: int) -> Sequence | None:
+        return self._live.get(seq_id)
+
+    # ----------------------------------------------------------------------------- sequence verbs
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence (new, or moved here with its output so far); ValueError if it cannot run."""
+        if seq.seq_id in self._live or not 0 <= seq.seq_id <= INT32_MAX:
+            raise ValueError(f"sequence id {seq.seq_id} is in use or outside int32")
+        if not seq.prompt_token_ids or seq.is_finished:
+            raise ValueError("a sequence needs a non-empty prompt and must not be finished")
+        if seq.num_tokens >= self.max_seq_len:
+            raise ValueError(f"{seq.num_tokens} tokens leave no room below the limit of {self.max_seq_len}")
+        if len(seq.output_token_ids) >= seq.max_tokens:
+            raise ValueError(f"max_tokens {seq.max_tokens} already reached")
+        seq.status, seq.num_computed_tokens, seq.arrival = SequenceStatus.WAITING, 0, self._next_arrival
+        self._next_arrival += 1
+        self.waiting.append(seq)
+        self._live[seq.seq_id] = seq
+
+    def abort(self, seq_id: int, reason: str = "abort") -> Sequence | None:
+        """Finish a sequence now (client gone, or a stop string matched by the API with reason="stop").
+        Its blocks are freed, the worker forgets it with the next step, a late result for it is ignored.
+        Returns it, or None if it is unknown or already finished."""
+        seq = self._live.get(seq_id)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self._finish(seq, reason)
+        return seq
+
+    def requeue_all(self) -> list[Sequence]:
+        """The worker is gone: every running sequence goes back to the front of the waiting queue (in
+        arrival order, output kept, to be recomputed), the block manager is reset and the worker is
+        taken to know nothing. Returns every unfinished sequence, in queue order."""
+        self._in_flight = None
+        self._pending_frees.clear()
+        self._on_worker.clear()
+        self.blocks.reset()
+        for seq in reversed(self.running):
+            self._to_waiting(seq)
+        self.running.clear()
+        return list(self.waiting)
+
+    # ------------------------------------------------------------------------------------ schedule
+    def schedule(self) -> StepPlan | None:
+        """Build the next step, or None when nothing is left to compute."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"step {self._in_flight.step.step_id} is still in flight")
+        batch: Batch = {}
+        appended: list[BlockAppend] = []
+        preempted: list[int] = []
+        budget = self._schedule_running(batch, appended, preempted)
+        # As in vLLM: under block pressure admit nobody, or the preempted would only thrash.
+        new_seqs = [] if preempted else self._admit_waiting(budget, batch)
+        if not batch:
+            return None
+        step = Step(
+            step_id=self._next_step_id,
+            new_seqs=tuple(new_seqs),
+            appended=tuple(appended),
+            free_seq_ids=pack_ints(self._pending_frees),  # the worker applies frees first
+            seq_ids=pack_ints(batch),
+            num_tokens=pack_ints(n for _, n in batch.values()),
+        )
+        self._next_step_id += 1
+        self._pending_frees = []
+        sample = [sid for sid, (seq, n) in batch.items() if seq.num_computed_tokens + n == seq.num_tokens]
+        for seq, n in batch.values():
+            seq.num_computed_tokens += n
+        self._in_flight = StepPlan(step, sample, batch, preempted)
+        return self._in_flight
+
+    def _schedule_running(self, batch: Batch, appended: list[BlockAppend], preempted: list[int]) -> int:
+        """Running sequences first, oldest first; returns the budget left."""
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
+            # Not one more token fits: preempt the youngest. Everyone scheduled so far is older than
+            # seq, so the victim is never already in the batch; if seq is the youngest it yields.
+            while reach < 1 and self.running[-1] is not seq:
+                self._preempt(self.running[-1], preempted)
+                reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
+            if reach < 1:
+                assert len(self.running) > 1, "max_seq_len guarantees a sequence alone fits the pool"
+                self._preempt(seq, preempted)
+                break
+            # A chunk shrinks to the blocks at hand rather than preempting anyone for the rest.
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget, reach)
+            new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
+            assert new_blocks is not None  # n is within reach
+            if new_blocks:
+                appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
+            batch[seq.seq_id] = (seq, n)
+            budget -= n
+            i += 1
+        return budget
+
+    def _admit_waiting(self, budget: int, batch: Batch) -> list[NewSequence]:
+        """Waiting sequences in FIFO order, each only if the blocks for its first chunk are free."""
+        new_seqs = []
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            token_ids = seq.all_token_ids
+            num_cached = self.blocks.allocate_prompt(seq.seq_id, token_ids, budget)
+            if num_cached is None:
+                break  # the head waits for blocks; nobody overtakes it
+            self.waiting.popleft()
+            n = min(len(token_ids) - num_cached, budget)
+            self._start(seq, num_cached)
+            new_seqs.append(NewSequence(
+                seq_id=seq.seq_id,
+                token_ids=pack_ints(token_ids),
+                num_prompt_tokens=len(seq.prompt_token_ids),
+                num_computed_tokens=num_cached,
+                block_ids=pack_ints(self.blocks.table(seq.seq_id)),
+                sampling=seq.sampling,
+            ))
+            batch[seq.seq_id] = (seq, n)
+            budget -= n
+        return new_seqs
+
+    def _start(self, seq: Sequence, num_cached: int) -> None:
+        seq.status, seq.num_computed_tokens = SequenceStatus.RUNNING, num_cached
+        if seq.num_preemptions == 0:
+            seq.num_cached_tokens = num_cached
+        insort(self.running, seq, key=lambda s: s.arrival)
+        self._on_worker.add(seq.seq_id)
+
+    def _preempt(self, seq: Sequence, preempted: list[int]) -> None:
+        self.running.remove(seq)
+        self._release(seq)
+        self._to_waiting(seq)
+        preempted.append(seq.seq_id)
+
+    def _to_waiting(self, seq: Sequence) -> None:
+        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        """Free the sequence's blocks here, and on the worker with the next step."""
+        self.blocks.free(seq.seq_id)
+        if seq.seq_id in self._on_worker:
+            self._on_worker.discard(seq.seq_id)
+            self._pending_frees.append(seq.seq_id)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
+        del self._live[seq.seq_id]
+        self._release(seq)
+
+    # -------------------------------------------------------------------------------------- update
+    def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+        """Apply the worker's result to the plan in flight: append sampled tokens, cache the blocks
+        that became full, finish sequences that hit a stop condition.
+
+        ValueError means the result breaks the contract (wrong step, missing or unasked sequences); the
+        plan then stays in flight and the caller should treat the worker as failed (requeue_all).
+        """
+        if plan is not self._in_flight or result.step_id != plan.step.step_id:
+            raise ValueError(f"result for step {result.step_id} does not match the plan in flight")
+        live = [sid for sid in plan.sample_seq_ids if self._live.get(sid) is plan.scheduled[sid][0]]
+        tokens = self._sampled_tokens(plan, result, live)
+        logprobs = self._sampled_logprobs(plan, result, live)
+        self._in_flight = None
+        self._commit_blocks(plan)
+        return [self._append(plan.scheduled[sid][0], tokens[sid], logprobs.get(sid)) for sid in live]
+
+    def _sampled_tokens(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, int]:
+        seq_ids = unpack_ints(result.seq_ids)
+        tokens = dict(zip(seq_ids, unpack_ints(result.token_ids), strict=True))
+        if len(tokens) != len(seq_ids) or not tokens.keys() <= set(plan.sample_seq_ids):
+            raise ValueError("result has repeated sequences or sequences the plan did not sample")
+        if not set(live) <= tokens.keys():  # aborted ones may be missing, live ones may not
+            raise ValueError("result lacks a token for a sequence the plan sampled")
+        return tokens
+
+    def _sampled_logprobs(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, Logprob]:
+        seq_ids, top_n = unpack_ints(result.logprob_seq_ids), result.top_n
+        values = unpack_floats(result.logprobs)
+        top_ids, top_values = unpack_ints(result.top_token_ids), unpack_floats(result.top_logprobs)
+        if len(values) != len(seq_ids) or not len(top_ids) == len(top_values) == len(seq_ids) * top_n:
+            raise ValueError("result's logprob arrays disagree in length")
+        out: dict[int, Logprob] = {}
+        for i, sid in enumerate(seq_ids):
+            if sid in plan.scheduled:
+                k = min(plan.scheduled[sid][0].sampling.logprobs or 0, top_n)
+                tops = zip(top_ids[i * top_n : i * top_n + k], top_values[i * top_n : i * top_n + k])
+                out[sid] = (values[i], list(tops))
+        asked = [sid for sid in live if plan.scheduled[sid][0].sampling.logprobs is not None]
+        if not set(asked) <= out.keys():
+            raise ValueError("result lacks logprobs a sequence asked for")
+        return out
+
+    def _commit_blocks(self, plan: StepPlan) -> None:
+        """Cache the blocks this step filled (only now is their KV computed)."""
+        if not self.config.enable_prefix_caching:
+            return
+        size = self.block_size
+        for sid, (seq, n) in plan.scheduled.items():
+            end = seq.num_computed_tokens
+            if self._live.get(sid) is seq and (end - n) // size != end // size:
+                self.blocks.commit_full_blocks(sid, seq.all_token_ids, end)
+
+    def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> SeqUpdate:
+        seq.output_token_ids.append(token)
+        new_logprobs = []
+        if logprob is not None:
+            seq.logprobs.append(logprob)
+            new_logprobs.append(logprob)
+        reason = self._stop_reason(seq, token)
+        if reason is not None:
+            self.running.remove(seq)
+            self._finish(seq, reason)
+        return SeqUpdate(seq, [token], new_logprobs, reason is not None)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        num_output = len(seq.output_token_ids)
+        # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
+        if token in seq.stop_token_ids and num_output > seq.min_tokens:
+            return "stop"
+        if num_output >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
+            return "length"
+        return None
