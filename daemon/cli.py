@@ -37,6 +37,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on tokens per sequence")
     p.add_argument("--worker-id", default=None, help="identity on the wire (default host-pid)")
+    p.add_argument("--null-model", action="store_true",
+                   help="answer every step instantly with a fixed token (measures the daemon alone)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # local workers: exit with the daemon
 
 

@@ -53,6 +53,7 @@ class WorkersConfig:
     runtime_dir: str | None = None  # where the ipc:// socket lives; default $XDG_RUNTIME_DIR/nimbus
     bind: str | None = None  # extra tcp://HOST:PORT for workers on other hosts; none by default
     startup_timeout_s: float = 300.0
+    null_model: bool = False  # workers answer instantly with a fixed token: measures the daemon alone
     step_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:

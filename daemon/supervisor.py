@@ -72,6 +72,8 @@ class LocalWorkers:
             cmd += ["--threads", str(spec.threads)]
         if self.config.dtype:
             cmd += ["--dtype", self.config.dtype]
+        if self.config.null_model:
+            cmd.append("--null-model")
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         return cmd

@@ -25,6 +25,7 @@ from protocol.messages import (
 )
 from protocol.transport import DealerEndpoint
 from worker.executor import StepError, StepExecutor
+from worker.null import NullExecutor, NullRunner
 from worker.runner import ModelRunner, parse_size
 
 log = logging.getLogger("nimbus.worker")
@@ -34,7 +35,7 @@ HELLO_RETRY_S = 2.0
 class Worker:
     """The message loop around a StepExecutor; a second thread and socket carry heartbeats."""
 
-    def __init__(self, executor: StepExecutor, address: str, worker_id: str, model_name: str,
+    def __init__(self, executor: StepExecutor | NullExecutor, address: str, worker_id: str, model_name: str,
                  heartbeat_interval: float = 1.0, parent_pid: int | None = None) -> None:
         self.executor = executor
         self.address = address
@@ -133,11 +134,15 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
-    kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
-    runner = ModelRunner(args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-                         max_model_len=getattr(args, "max_model_len", None))
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    worker = Worker(StepExecutor(runner, worker_id=worker_id), args.connect, worker_id,
-                    model_name=getattr(args, "model_name", None) or str(args.model),
-                    parent_pid=getattr(args, "parent_pid", None))
+    executor: StepExecutor | NullExecutor
+    if args.null_model:
+        executor = NullExecutor(NullRunner.from_folder(args.model, args.max_model_len), worker_id=worker_id)
+    else:
+        kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
+        runner = ModelRunner(args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
+                             max_model_len=args.max_model_len)
+        executor = StepExecutor(runner, worker_id=worker_id)
+    worker = Worker(executor, args.connect, worker_id,
+                    model_name=str(args.model), parent_pid=args.parent_pid)
     return worker.run()
