@@ -35,6 +35,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default per device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on tokens per sequence")
     p.add_argument("--worker-id", default=None, help="identity on the wire (default host-pid)")
     p.add_argument("--null-model", action="store_true",

@@ -67,7 +67,7 @@ class LocalWorkers:
     def command(self, spec: WorkerSpec) -> list[str]:
         cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", self.address, "--model", self.model,
                "--worker-id", spec.worker_id, "--device", spec.device, "--parent-pid", str(os.getpid()),
-               "--kv-cache-memory", self.config.kv_cache_memory]
+               "--kv-cache-memory", self.config.kv_cache_memory, "--block-size", str(self.config.block_size)]
         if spec.threads:
             cmd += ["--threads", str(spec.threads)]
         if self.config.dtype:

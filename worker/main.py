@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
         runner = ModelRunner(args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-                             max_model_len=args.max_model_len)
+                             block_size=args.block_size, max_model_len=args.max_model_len)
         executor = StepExecutor(runner, worker_id=worker_id)
     worker = Worker(executor, args.connect, worker_id,
                     model_name=str(args.model), parent_pid=args.parent_pid)
