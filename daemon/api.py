@@ -16,9 +16,11 @@ from typing import Any
 
 from aiohttp import web
 
-from daemon.engine import Delta, Engine, Replica, RequestStream
+from daemon.engine import Engine
+from daemon.replica import Delta, RequestStream
 from daemon.requests import APIError, GenerationRequest, parse_generation
 from daemon.scheduler import Sequence
+from daemon.supervisor import LocalWorkers
 from daemon.tokenizer import ChatTemplateError, Tokenizer
 from protocol.messages import SamplingParams
 
@@ -34,6 +36,7 @@ class ApiState:
     served_model_name: str
     max_waiting_requests: int = 512
     replica_wait_s: float = 30.0
+    supervisor: LocalWorkers | None = None
     draining: bool = False
 
 
@@ -87,16 +90,27 @@ async def ready(request: web.Request) -> web.Response:
 
 
 async def admin_workers(request: web.Request) -> web.Response:
-    engine = request.app[STATE].engine
+    state = request.app[STATE]
+    engine = state.engine
     now = time.monotonic()
-    rows = [{
-        "id": r.worker_id, "host": r.hello.host, "pid": r.hello.pid, "device": r.hello.device,
-        "model": r.hello.model, "state": "up" if r.alive else "down", "incarnation": r.incarnation,
-        "last_heartbeat_s": round(now - r.last_heartbeat, 3), "running": r.scheduler.num_running,
-        "waiting": r.scheduler.num_waiting, "kv_usage": round(r.scheduler.kv_usage, 4), "steps": r.steps,
-        "num_blocks": r.hello.num_blocks, "block_size": r.hello.block_size,
-    } for r in engine.replicas.values()]
-    return web.json_response({"epoch": engine.epoch, "workers": rows})
+    rows = {}
+    for r in engine.replicas.values():
+        rows[r.worker_id] = {
+            "id": r.worker_id, "host": r.hello.host, "pid": r.hello.pid, "device": r.hello.device,
+            "model": r.hello.model, "version": r.hello.model_version, "state": "up" if r.alive else "dead",
+            "incarnation": r.incarnation, "last_heartbeat_s_ago": round(now - r.last_heartbeat, 3),
+            "running": r.scheduler.num_running, "waiting": r.scheduler.num_waiting,
+            "kv_usage": round(r.scheduler.kv_usage, 4), "steps": r.steps,
+            "num_blocks": r.hello.num_blocks, "block_size": r.hello.block_size, "restarts": 0,
+        }
+    for worker_id, slot in (state.supervisor.status() if state.supervisor else {}).items():
+        row = rows.setdefault(worker_id, {"id": worker_id, "state": slot["state"]})
+        row["restarts"] = slot["restarts"]
+        row["process"] = slot["state"]
+        if slot["state"] in ("backoff", "crashloop", "stopped"):
+            row["state"] = slot["state"]
+    return web.json_response({"epoch": engine.epoch, "workers": list(rows.values()),
+                              "orphaned_sequences": len(engine.orphans), **engine.counters})
 
 
 async def models(request: web.Request) -> web.Response:
@@ -160,7 +174,8 @@ def _limit_tokens(req: GenerationRequest, prompts: list[list[int]], max_len: int
     return req.max_tokens
 
 
-def _sequence_factory(req: GenerationRequest, prompt: list[int], max_tokens: int, tok: Tokenizer, choice: int):
+def _sequence(req: GenerationRequest, prompt: list[int], max_tokens: int, tok: Tokenizer, choice: int,
+              seq_id: int) -> Sequence:
     stop_ids = set(req.stop_token_ids) | (set() if req.ignore_eos else set(tok.eos_token_ids))
     seed = None if req.seed is None else (req.seed + choice + 2**63) % 2**64 - 2**63
     sampling = SamplingParams(
@@ -170,11 +185,8 @@ def _sequence_factory(req: GenerationRequest, prompt: list[int], max_tokens: int
         logit_bias=req.logit_bias, min_tokens=req.min_tokens, stop_token_ids=tuple(sorted(stop_ids)),
     )
 
-    def make(seq_id: int) -> Sequence:
-        return Sequence(seq_id=seq_id, prompt_token_ids=list(prompt), sampling=sampling, max_tokens=max_tokens,
-                        stop_token_ids=frozenset(stop_ids), min_tokens=req.min_tokens)
-
-    return make
+    return Sequence(seq_id=seq_id, prompt_token_ids=list(prompt), sampling=sampling, max_tokens=max_tokens,
+                    stop_token_ids=frozenset(stop_ids), min_tokens=req.min_tokens)
 
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
@@ -195,39 +207,38 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
         raise APIError("too many requests waiting; retry shortly", status=429, code="queue_full",
                        headers={"Retry-After": "1"})
     stream = RequestStream(total)
-    placed: list[tuple[Replica, list[Sequence]]] = []
+    seqs: list[Sequence] = []
     try:
         for i, prompt in enumerate(prompts):
             for j in range(req.n):
-                make = _sequence_factory(req, prompt, max_tokens, state.tokenizer, j)
-                placed.append(state.engine.submit(stream, prompt, make, 1, req.stop, i * req.n + j))
-        response = Response(req, state, prompts, placed)
+                seq = _sequence(req, prompt, max_tokens, state.tokenizer, j, state.engine.new_seq_id())
+                seqs.append(seq)
+                state.engine.submit(stream, prompt, seq, req.stop, i * req.n + j)
+        response = Response(req, state, prompts, seqs)
         if req.stream:
             return await response.stream(request, stream)
         return await response.collect(stream)
     finally:
-        for replica, seqs in placed:  # a client that left (or an error) frees its sequences at the next step
-            for seq in seqs:
-                if seq.finish_reason is None:
-                    replica.abort(seq.seq_id)
+        for seq in seqs:  # a client that left (or an error) frees its sequences at the next step
+            if seq.finish_reason is None:
+                state.engine.abort(seq.seq_id)
 
 
 class Response:
     """Turns deltas into OpenAI completion / chat completion bodies and SSE chunks."""
 
     def __init__(self, req: GenerationRequest, state: ApiState, prompts: list[list[int]],
-                 placed: list[tuple[Replica, list[Sequence]]]) -> None:
-        self.req, self.state, self.prompts, self.placed = req, state, prompts, placed
+                 seqs: list[Sequence]) -> None:
+        self.req, self.state, self.prompts, self.seqs = req, state, prompts, seqs
         self.id = ("chatcmpl-" if req.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if req.chat else "text_completion"
         self.text_offset = [0] * (len(prompts) * req.n)
 
     def usage(self) -> dict[str, Any]:
-        seqs = [s for _, ss in self.placed for s in ss]
         prompt_tokens = sum(len(p) for p in self.prompts)
-        completion = sum(len(s.output_token_ids) for s in seqs)
-        cached = sum(ss[0].num_cached_tokens for _, ss in self.placed[:: self.req.n])
+        completion = sum(len(s.output_token_ids) for s in self.seqs)
+        cached = sum(s.num_cached_tokens for s in self.seqs[:: self.req.n])
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
                 "total_tokens": prompt_tokens + completion, "prompt_tokens_details": {"cached_tokens": cached}}
 
@@ -275,7 +286,7 @@ class Response:
                 finish[d.index] = d.finish_reason or finish[d.index]
                 logprobs[d.index].append(self._logprobs(d))
         if stream.error:
-            raise APIError(stream.error, status=503, code="generation_failed")
+            raise APIError(stream.error, status=stream.error_status, code="generation_failed")
         choices = []
         for i in range(total):
             lp = self._merge_logprobs(logprobs[i])
@@ -317,7 +328,7 @@ class Response:
             if choices:
                 await resp.write(self._chunk(choices))
         if stream.error:
-            err = APIError(stream.error, status=503, code="generation_failed").body()
+            err = APIError(stream.error, status=stream.error_status, code="generation_failed").body()
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")
         elif self.req.include_usage:
             await resp.write(self._chunk([], self.usage()))

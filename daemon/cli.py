@@ -16,6 +16,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("daemon.serve", "run the daemon: HTTP API, scheduler and local workers"),
     "worker": ("worker.main", "run a worker that attaches to a daemon over ZeroMQ"),
     "pull": ("daemon.models", "install a model (the default: SmolLM2-135M-Instruct) into the cache"),
+    "bench": ("daemon.bench", "load-test an OpenAI-compatible server: TTFT, inter-token latency, throughput"),
 }
 
 
@@ -40,7 +41,11 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-id", default=None, help="identity on the wire (default host-pid)")
     p.add_argument("--null-model", action="store_true",
                    help="answer every step instantly with a fixed token (measures the daemon alone)")
-    p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)  # local workers: exit with the daemon
+    p.add_argument("--lease", type=float, default=5.0,
+                   help="seconds without the daemon's heartbeat echo before dropping work and registering again")
+    p.add_argument("--orphan-timeout", type=float, default=600.0,
+                   help="seconds without any daemon before exiting")
+    p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # fault injection for tests (worker/faults.py)
 
 
 def _add_pull(p: argparse.ArgumentParser) -> None:
@@ -49,10 +54,40 @@ def _add_pull(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="convert again even if the folder exists")
 
 
+def _add_bench(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="server's OpenAI API root")
+    p.add_argument("--model", default=None, help="model to request (default: the first id of GET /models)")
+    p.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    p.add_argument("--endpoint", choices=("completions", "chat"), default="completions")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer folder or Nimbus model name used to build prompts (default: the served "
+                        "model's folder if it is local, else the Nimbus default model)")
+    p.add_argument("--workload", choices=("burst", "poisson", "sweep", "shared-prefix"), default="burst",
+                   help="burst: all at once; poisson: --rate; sweep: a poisson run per --rates; "
+                        "shared-prefix: one --prefix-len prefix, own suffixes (at --rate, else all at once)")
+    p.add_argument("--num-requests", type=int, default=64, help="requests per run")
+    p.add_argument("--input-len", type=int, default=256, help="prompt tokens (after the prefix)")
+    p.add_argument("--output-len", type=int, default=128, help="output tokens (max_tokens)")
+    p.add_argument("--prefix-len", type=int, default=256, help="shared prefix tokens (shared-prefix)")
+    p.add_argument("--rate", type=float, default=None, help="Poisson request rate, requests/s")
+    p.add_argument("--rates", default=None, help="sweep rates, e.g. 1,2,4")
+    p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
+    p.add_argument("--seed", type=int, default=0, help="seeds arrivals and prompt offsets")
+    p.add_argument("--warmup", type=int, default=0, help="requests sent (and not measured) first")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a stream may stay silent")
+    p.add_argument("--no-ignore-eos", action="store_true",
+                   help="do not send ignore_eos/min_tokens (for servers that reject unknown fields)")
+    p.add_argument("--token-prompts", action="store_true", help="send prompts as token ids (completions)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write numbers, config and per-request rows")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="write a figure (needs matplotlib)")
+
+
 _ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "serve": _add_serve,
     "worker": _add_worker,
     "pull": _add_pull,
+    "bench": _add_bench,
 }
 
 

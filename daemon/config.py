@@ -26,8 +26,10 @@ class ServerConfig:
     max_body_bytes: int = 4 * 1024 * 1024
     # requests waiting for a slot, per model, before new ones get 429
     max_waiting_requests: int = 512
-    # a request that finds no live replica waits this long for one before 503
+    # a request that finds no live replica (or loses its worker) waits this long for one before 503
     replica_wait_s: float = 30.0
+    # SIGTERM: in-flight requests get this long to finish before the daemon exits
+    drain_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
         _positive(self, "port", "max_body_bytes", "max_waiting_requests")
@@ -54,12 +56,22 @@ class WorkersConfig:
     bind: str | None = None  # extra tcp://HOST:PORT for workers on other hosts; none by default
     startup_timeout_s: float = 300.0
     null_model: bool = False  # workers answer instantly with a fixed token: measures the daemon alone
-    step_timeout_s: float = 120.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0  # silent this long: declared dead
+    step_timeout_s: float = 120.0  # one step running this long while heartbeats flow: hung, declared dead
+    lease_s: float = 5.0  # a worker without the daemon's echo this long drops its work and registers again
+    orphan_timeout_s: float = 600.0  # a worker without any daemon this long exits
+    max_restarts: int = 5  # quick failures in a row before a local worker is left down (crash loop)
+    restart_backoff_s: float = 1.0  # first restart delay, doubled per quick failure (at most 30 s)
+    fault: str | None = None  # fault injection for tests and drills (see worker/faults.py)
 
     def __post_init__(self) -> None:
         if self.count is not None and self.count < 0:
             raise ConfigError("workers.count must be >= 0")
-        _positive(self, "block_size", "startup_timeout_s", "step_timeout_s")
+        _positive(self, "block_size", "startup_timeout_s", "step_timeout_s", "heartbeat_interval_s",
+                  "heartbeat_timeout_s", "lease_s", "orphan_timeout_s", "restart_backoff_s")
+        if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
+            raise ConfigError("workers.heartbeat_timeout_s must exceed workers.heartbeat_interval_s")
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,8 @@
-"""The asyncio layer around the schedulers: worker registry, one step loop per replica, request streams.
+"""The engine: worker registry, routing, health (heartbeats, step deadlines) and zero-loss failover.
 
-It only moves messages: `Scheduler` decides, workers compute, this module carries plans out and
-results back, detokenizes, applies stop strings, and feeds each request's output channel.
+It owns the ROUTER socket and one `Replica` per registered worker. When a worker dies, its sequences
+(which keep every prompt and generated token here) move to another replica, or wait for one, and
+their clients' streams simply continue. Clocks are monotonic only.
 """
 
 from __future__ import annotations
@@ -13,248 +14,131 @@ import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import zmq
 
-from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate
+from daemon.replica import Replica, RequestStream, Track
+from daemon.scheduler import SchedulerConfig, Sequence, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
-from protocol.messages import Error, Heartbeat, Hello, ProtocolError, Shutdown, StepResult, Welcome, decode
+from protocol.messages import (
+    Drain,
+    Error,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Shutdown,
+    StepResult,
+    Welcome,
+    decode,
+)
 from protocol.transport import RouterEndpoint
 
 log = logging.getLogger("nimbus.engine")
+# a sequence whose steps were in flight when this many workers died or failed is a poison request
+POISON_FAILURES = 2
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    heartbeat_interval_s: float = 1.0
+    heartbeat_timeout_s: float = 5.0
+    step_timeout_s: float = 120.0
+    placement_timeout_s: float = 30.0  # a sequence with no live replica waits this long, then fails (503)
+    check_interval_s: float = 0.2
 
 
 @dataclass(slots=True)
-class Delta:
-    """New output of one choice: text safe to show, its tokens, logprob entries, and the end if reached."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-    finish_reason: str | None = None
-
-
-class RequestStream:
-    """One request's output channel. `put` never blocks the step loop; a slow reader gets merged deltas."""
-
-    def __init__(self, num_choices: int) -> None:
-        self._pending: list[Delta] = []
-        self._ready = asyncio.Event()
-        self.unfinished = num_choices
-        self.error: str | None = None
-
-    def put(self, delta: Delta) -> None:
-        if delta.finish_reason is not None:
-            self.unfinished -= 1
-        self._pending.append(delta)
-        self._ready.set()
-
-    def fail(self, message: str) -> None:
-        self.error = message
-        self._ready.set()
-
-    @property
-    def finished(self) -> bool:
-        return self.unfinished <= 0 or self.error is not None
-
-    async def get(self) -> list[Delta]:
-        """Everything produced since the last call (waits for at least one delta or the end)."""
-        while not self._pending and not self.finished:
-            self._ready.clear()
-            await self._ready.wait()
-        out, self._pending = self._pending, []
-        return out
-
-
-@dataclass(slots=True)
-class Track:
-    """Per-sequence output state kept beside the scheduler's Sequence."""
-
-    seq: Sequence
-    index: int
-    stream: RequestStream
-    detok: IncrementalDetokenizer
-    stops: StopMatcher | None
-
-
-class WorkerFailed(Exception):
-    pass
-
-
-class Replica:
-    """One worker serving one model: its scheduler and the loop that drives its steps."""
-
-    def __init__(self, hello: Hello, identity: bytes, endpoint: RouterEndpoint, tokenizer: Tokenizer,
-                 config: SchedulerConfig, step_timeout_s: float, incarnation: int) -> None:
-        self.hello = hello
-        self.identity = identity
-        self.endpoint = endpoint
-        self.tokenizer = tokenizer
-        self.max_model_len = hello.max_model_len
-        self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
-        self.step_timeout_s = step_timeout_s
-        self.incarnation = incarnation
-        self.tracks: dict[int, Track] = {}
-        self.wake = asyncio.Event()
-        self.pending: tuple[int, asyncio.Future[StepResult]] | None = None
-        self.last_heartbeat = time.monotonic()
-        self.task: asyncio.Task[None] | None = None
-        self.alive = True
-        self.steps = 0
-
-    @property
-    def worker_id(self) -> str:
-        return self.hello.worker_id
-
-    def add(self, track: Track) -> None:
-        self.tracks[track.seq.seq_id] = track
-        self.scheduler.add(track.seq)
-        self.wake.set()
-
-    def abort(self, seq_id: int) -> None:
-        if self.tracks.pop(seq_id, None) is not None:
-            self.scheduler.abort(seq_id)
-            self.wake.set()
-
-    def on_result(self, result: StepResult | Error) -> None:
-        if self.pending is None or result.step_id != self.pending[0]:
-            log.warning("worker %s: dropping result for step %s (not in flight)", self.worker_id, result.step_id)
-            return
-        future = self.pending[1]
-        if future.done():
-            return
-        if isinstance(result, Error):
-            future.set_exception(WorkerFailed(f"{result.code}: {result.message}"))
-        else:
-            future.set_result(result)
-
-    async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self.alive:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            future: asyncio.Future[StepResult] = loop.create_future()
-            self.pending = (plan.step.step_id, future)
-            try:
-                self.endpoint.send(self.identity, plan.step)
-                result = await asyncio.wait_for(future, self.step_timeout_s)
-            except (WorkerFailed, zmq.ZMQError, TimeoutError) as exc:
-                self._recover(exc)
-                continue
-            finally:
-                self.pending = None
-            self.steps += 1
-            try:
-                updates = self.scheduler.update(plan, result)
-            except ValueError as exc:  # the result contradicts the plan: the worker broke the contract
-                self._recover(exc)
-                continue
-            for update in updates:
-                self._emit(update)
-
-    def _recover(self, exc: BaseException) -> None:
-        # The worker's sequence state is unknown now (it resets itself on a failed step): recompute
-        # everything from the daemon's copy, which holds every prompt and generated token.
-        log.error("worker %s: step failed (%s); requeueing its %d sequences", self.worker_id, exc,
-                  len(self.tracks))
-        self.scheduler.requeue_all()
-
-    def _emit(self, update: SeqUpdate) -> None:
-        track = self.tracks.get(update.seq.seq_id)
-        if track is None:
-            return
-        seq = update.seq
-        text = track.detok.add(update.new_token_ids) if update.new_token_ids else ""
-        finish = seq.finish_reason if update.finished else None
-        if update.finished:
-            text += track.detok.flush()
-        if track.stops is not None:
-            text, matched = track.stops.feed(text)
-            if matched:
-                if not update.finished:  # the worker may already hold one more token: it is freed next step
-                    self.scheduler.abort(seq.seq_id, "stop")
-                finish = "stop"
-            elif update.finished:
-                text += track.stops.flush()
-        entries = []
-        if seq.sampling.logprobs is not None and update.new_logprobs:
-            entries = [(tok, lp, top) for tok, (lp, top) in zip(update.new_token_ids, update.new_logprobs)]
-        track.stream.put(Delta(track.index, text, list(update.new_token_ids), entries, finish))
-        if finish is not None:
-            del self.tracks[seq.seq_id]
-
-    def fail_all(self, message: str) -> None:
-        for track in self.tracks.values():
-            track.stream.fail(message)
-            self.scheduler.abort(track.seq.seq_id)
-        self.tracks.clear()
+class Orphan:
+    track: Track
+    deadline: float
 
 
 class Engine:
-    """Owns the ROUTER socket, registers workers as replicas of the served model, routes requests."""
-
     def __init__(self, endpoint: RouterEndpoint, model_path: str, tokenizer: Tokenizer,
-                 scheduler_config: SchedulerConfig, step_timeout_s: float = 120.0,
+                 scheduler_config: SchedulerConfig, health: HealthConfig | None = None,
                  max_model_len: int | None = None) -> None:
         self.endpoint = endpoint
         self.model_path = model_path
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
-        self.step_timeout_s = step_timeout_s
+        self.health = health or HealthConfig()
         self.max_model_len_cap = max_model_len
         self.replicas: dict[str, Replica] = {}
+        self.orphans: list[Orphan] = []
         self.epoch = uuid.uuid4().hex[:12]
         self._incarnations = itertools.count(1)
         self._seq_ids = itertools.count(1)
         self.replica_added = asyncio.Event()
-        self.bad_frames = 0
-        self.on_hello: Callable[[Hello], None] | None = None
+        self.counters = dict(bad_frames=0, stale_frames=0, worker_deaths=0, failovers=0, poisoned=0)
+        # called with (worker_id, pid, reason) when a worker is declared dead: the supervisor kills it
+        self.on_dead: Callable[[str, int, str], None] | None = None
 
-    # ------------------------------------------------------------------ registry
+    # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
         return any(r.alive for r in self.replicas.values())
 
+    def live(self) -> list[Replica]:
+        return [r for r in self.replicas.values() if r.alive]
+
     @property
     def max_model_len(self) -> int:
         # the KV pool is a context limit too: the scheduler ends longer sequences with "length"
-        lens = [r.scheduler.max_seq_len for r in self.replicas.values() if r.alive]
+        lens = [r.scheduler.max_seq_len for r in self.live()]
         cap = min(lens) if lens else 0
         return min(cap, self.max_model_len_cap) if self.max_model_len_cap else cap
 
+    def num_waiting(self) -> int:
+        return sum(r.scheduler.num_waiting for r in self.live()) + len(self.orphans)
+
+    def num_active(self) -> int:
+        return sum(len(r.tracks) for r in self.live()) + len(self.orphans)
+
+    # ------------------------------------------------------------------ the wire
     async def receive_loop(self) -> None:
         while True:
             identity, frame = await self.endpoint.recv()
             try:
                 msg = decode(frame, self.endpoint.max_bytes)
             except ProtocolError as exc:
-                self.bad_frames += 1
+                self.counters["bad_frames"] += 1
                 log.warning("bad frame from %r: %s", identity[:64], exc)
                 continue
             self._dispatch(identity, msg)
 
     def _dispatch(self, identity: bytes, msg: object) -> None:
         if isinstance(msg, Heartbeat):
-            replica = self.replicas.get(msg.worker_id)
-            if replica is not None and identity == f"{msg.worker_id}/hb".encode():
-                replica.last_heartbeat = time.monotonic()
+            self._on_heartbeat(identity, msg)
         elif isinstance(msg, StepResult | Error):
-            replica = self._replica_by_identity(identity)
-            if replica is not None and getattr(msg, "step_id", None) is not None:
+            replica = self.replicas.get(identity.decode(errors="replace"))
+            if replica is None or replica.identity != identity or not replica.alive:
+                self.counters["stale_frames"] += 1
+            elif isinstance(msg, StepResult) and msg.incarnation != replica.incarnation:
+                self.counters["stale_frames"] += 1  # from an earlier life of this worker
+            elif msg.step_id is not None:
+                stale = replica.stale_frames
                 replica.on_result(msg)
-            elif isinstance(msg, Error):
-                log.warning("worker %r reports %s: %s", identity[:64], msg.code, msg.message)
+                self.counters["stale_frames"] += replica.stale_frames - stale
+            else:
+                log.warning("worker %s reports %s: %s", replica.worker_id, msg.code, msg.message)
         elif isinstance(msg, Hello):
             self._register(identity, msg)
+        else:
+            self.counters["bad_frames"] += 1  # a daemon->worker message sent to the daemon
 
-    def _replica_by_identity(self, identity: bytes) -> Replica | None:
-        replica = self.replicas.get(identity.decode(errors="replace"))
-        return replica if replica is not None and replica.identity == identity else None
+    def _on_heartbeat(self, identity: bytes, beat: Heartbeat) -> None:
+        if identity != f"{beat.worker_id}/hb".encode():
+            return
+        replica = self.replicas.get(beat.worker_id)
+        if replica is None or not replica.alive or beat.incarnation != replica.incarnation:
+            # a worker this daemon does not know (it restarted, or declared that life dead): re-register
+            with contextlib.suppress(zmq.ZMQError):
+                self.endpoint.send(identity, Error(code="unknown_worker", message="register again"))
+            return
+        replica.last_heartbeat = time.monotonic()
+        with contextlib.suppress(zmq.ZMQError):
+            self.endpoint.send(identity, beat)  # the echo renews the worker's lease
 
     def _register(self, identity: bytes, hello: Hello) -> None:
         if identity != hello.worker_id.encode():
@@ -262,28 +146,134 @@ class Engine:
             return
         if hello.model != self.model_path:
             log.warning("worker %s holds %s, not %s; ignored", hello.worker_id, hello.model, self.model_path)
-            self.endpoint.send(identity, Error(code="wrong_model", message=f"this daemon serves {self.model_path}"))
+            with contextlib.suppress(zmq.ZMQError):
+                self.endpoint.send(identity, Error(code="wrong_model", message=f"this daemon serves {self.model_path}"))
             return
-        old = self.replicas.pop(hello.worker_id, None)
-        if old is not None:  # the same worker again (restart or reconnect): its old state is gone
-            old.alive = False
-            old.scheduler.requeue_all()
-            if old.task is not None:
-                old.task.cancel()
-        replica = Replica(hello, identity, self.endpoint, self.tokenizer, self.scheduler_config,
-                          self.step_timeout_s, next(self._incarnations))
-        if old is not None:
-            for track in old.tracks.values():
-                replica.add(track)
+        old = self.replicas.get(hello.worker_id)
+        replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations))
         self.replicas[hello.worker_id] = replica
+        if old is not None and old.alive:  # it came back (new process, or lost its lease): its old state is gone
+            self._fail_replica(old, "registered again", kill=False)
         self.endpoint.send(identity, Welcome(worker_id=hello.worker_id, incarnation=replica.incarnation,
-                                             epoch=self.epoch))
-        replica.task = asyncio.get_running_loop().create_task(replica.run(), name=f"replica-{hello.worker_id}")
-        log.info("worker %s registered (%s, %d blocks of %d, max len %d)", hello.worker_id, hello.device,
-                 hello.num_blocks, hello.block_size, hello.max_model_len)
+                                             epoch=self.epoch, heartbeat_interval=self.health.heartbeat_interval_s))
+        replica.task = asyncio.get_running_loop().create_task(replica.run(self._on_step_error),
+                                                              name=f"replica-{hello.worker_id}")
+        log.info("worker %s registered as incarnation %d (pid %d on %s, %s, %d blocks of %d, max len %d)",
+                 hello.worker_id, replica.incarnation, hello.pid, hello.host, hello.device, hello.num_blocks,
+                 hello.block_size, hello.max_model_len)
         self.replica_added.set()
-        if self.on_hello:
-            self.on_hello(hello)
+        self._place_orphans()
+
+    # ------------------------------------------------------------------ health and failover
+    async def health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.health.check_interval_s)
+            self.check_health(time.monotonic())
+
+    def check_health(self, now: float) -> None:
+        for replica in self.live():
+            silent = now - replica.last_heartbeat
+            flight = replica.in_flight
+            if silent > self.health.heartbeat_timeout_s:
+                self._fail_replica(replica, f"no heartbeat for {silent:.1f}s")
+            elif flight is not None and now - flight.started > self.health.step_timeout_s:
+                self._fail_replica(replica, f"step {flight.plan.step.step_id} running for "
+                                            f"{now - flight.started:.1f}s (hung)")
+        self._place_orphans()
+        expired = [o for o in self.orphans if now > o.deadline]
+        for orphan in expired:
+            self.orphans.remove(orphan)
+            orphan.track.stream.fail("no replica of this model came back in time; retry later", status=503)
+
+    def worker_exited(self, worker_id: str, how: str) -> None:
+        """The supervisor saw the process end."""
+        replica = self.replicas.get(worker_id)
+        if replica is not None and replica.alive:
+            self._fail_replica(replica, f"process {how}", kill=False)
+
+    def _fail_replica(self, replica: Replica, reason: str, kill: bool = True) -> None:
+        log.error("worker %s (incarnation %d) is dead: %s; moving its %d sequences", replica.worker_id,
+                  replica.incarnation, reason, len(replica.tracks))
+        self.counters["worker_deaths"] += 1
+        tracks = replica.fail(reason)
+        if kill and self.on_dead is not None:
+            self.on_dead(replica.worker_id, replica.hello.pid, reason)
+        self._reassign(tracks)
+
+    def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
+        # The worker answered but the step failed (it reset itself): recompute everything it held,
+        # blaming the sequences of this step.
+        log.error("worker %s: step %d failed: %s", replica.worker_id, plan.step.step_id, exc)
+        for seq_id in plan.scheduled:
+            if seq_id in replica.tracks:
+                replica.tracks[seq_id].failures += 1
+        replica.scheduler.requeue_all()
+        for track in [t for t in replica.tracks.values() if t.failures >= POISON_FAILURES]:
+            replica.abort(track.seq.seq_id)
+            self._poison(track)
+
+    def _poison(self, track: Track) -> None:
+        self.counters["poisoned"] += 1
+        log.error("sequence %d failed %d steps on workers; failing its request only", track.seq.seq_id,
+                  track.failures)
+        track.stream.fail("this request failed repeatedly on the model workers and was stopped; "
+                          "the server is fine, but this input cannot be served", status=500)
+
+    def _reassign(self, tracks: list[Track]) -> None:
+        deadline = time.monotonic() + self.health.placement_timeout_s
+        for track in tracks:
+            if track.failures >= POISON_FAILURES:
+                self._poison(track)
+                continue
+            self.counters["failovers"] += 1
+            self.orphans.append(Orphan(track, deadline))
+        self._place_orphans()
+
+    def _place_orphans(self) -> None:
+        if not self.orphans or not self.live():
+            return
+        waiting, self.orphans = self.orphans, []
+        for orphan in waiting:
+            if orphan.track.stream.finished:
+                continue
+            try:
+                self.pick_replica(orphan.track.seq.all_token_ids).add(orphan.track)
+            except ValueError as exc:  # it no longer fits anywhere live (a smaller pool): end it cleanly
+                orphan.track.stream.fail(f"cannot continue this request: {exc}", status=500)
+
+    # ------------------------------------------------------------------ requests
+    def pick_replica(self, prompt: list[int]) -> Replica:
+        """Least queued tokens, but a replica whose prefix cache holds this prompt's start wins unless it
+        is far busier (recomputing a long prefix costs more than a short queue)."""
+        live = self.live()
+        if not live:
+            raise LookupError("no live replica")
+        least = min(live, key=lambda r: r.scheduler.queued_tokens)
+        best = max(live, key=lambda r: r.scheduler.prefix_match_tokens(prompt))
+        hit = best.scheduler.prefix_match_tokens(prompt)
+        slack = self.scheduler_config.max_num_batched_tokens
+        if hit and best.scheduler.queued_tokens - least.scheduler.queued_tokens <= max(hit, slack):
+            return best
+        return least
+
+    def submit(self, stream: RequestStream, prompt: list[int], seq: Sequence, stops: list[str],
+               index: int) -> Replica:
+        """Queue one sequence (one choice of one prompt) on the best replica, feeding `stream`."""
+        replica = self.pick_replica(prompt)
+        detok = IncrementalDetokenizer(self.tokenizer, prompt)
+        replica.add(Track(seq, index, stream, detok, StopMatcher(stops) if stops else None))
+        return replica
+
+    def new_seq_id(self) -> int:
+        return next(self._seq_ids)
+
+    def abort(self, seq_id: int) -> None:
+        """A client left: free the sequence wherever it is now (it may have moved since it was placed)."""
+        for replica in self.live():
+            if seq_id in replica.tracks:
+                replica.abort(seq_id)
+                return
+        self.orphans = [o for o in self.orphans if o.track.seq.seq_id != seq_id]
 
     async def wait_ready(self, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
@@ -298,38 +288,19 @@ class Engine:
                 return False
         return True
 
-    # ------------------------------------------------------------------ requests
-    def num_waiting(self) -> int:
-        return sum(r.scheduler.num_waiting for r in self.replicas.values() if r.alive)
-
-    def pick_replica(self, prompt: list[int]) -> Replica:
-        """Least queued tokens, but a replica whose prefix cache holds this prompt's start wins unless it
-        is far busier (recomputing a long prefix costs more than a short queue)."""
-        live = [r for r in self.replicas.values() if r.alive]
-        if not live:
-            raise LookupError("no live replica")
-        least = min(live, key=lambda r: r.scheduler.queued_tokens)
-        best = max(live, key=lambda r: r.scheduler.prefix_match_tokens(prompt))
-        hit = best.scheduler.prefix_match_tokens(prompt)
-        slack = self.scheduler_config.max_num_batched_tokens
-        if hit and best.scheduler.queued_tokens - least.scheduler.queued_tokens <= max(hit, slack):
-            return best
-        return least
-
-    def submit(self, stream: RequestStream, prompt: list[int], make_seq: Callable[[int], Sequence],
-               num_choices: int, stops: list[str], first_index: int = 0) -> tuple[Replica, list[Sequence]]:
-        """Queue `num_choices` sequences of one prompt on one replica, feeding `stream`."""
-        replica = self.pick_replica(prompt)
-        seqs = []
-        for j in range(num_choices):
-            seq = make_seq(next(self._seq_ids))
-            seqs.append(seq)
-            detok = IncrementalDetokenizer(self.tokenizer, prompt)
-            replica.add(Track(seq, first_index + j, stream, detok, StopMatcher(stops) if stops else None))
-        return replica, seqs
+    async def drain(self, timeout: float) -> bool:
+        """Let in-flight requests finish (new ones are refused by the API); True if all did in time."""
+        for replica in self.live():
+            with contextlib.suppress(zmq.ZMQError):
+                self.endpoint.send(replica.identity, Drain(deadline_s=timeout))
+        deadline = time.monotonic() + timeout
+        while self.num_active() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.num_active() == 0
 
     def shutdown_workers(self) -> None:
         for replica in self.replicas.values():
             replica.alive = False
             with contextlib.suppress(zmq.ZMQError):
                 self.endpoint.send(replica.identity, Shutdown())
+

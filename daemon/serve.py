@@ -1,4 +1,9 @@
-"""`nimbus serve`: the daemon process: config, model, ZeroMQ endpoint, local workers, HTTP server."""
+"""`nimbus serve`: the daemon process: config, model, ZeroMQ endpoint, local workers, HTTP server.
+
+Start-up adopts workers an earlier daemon left running (they say Hello again within seconds), starts
+the missing ones, and serves. SIGTERM drains: new requests get 503, in-flight ones finish up to a
+deadline, workers are told to shut down, and the process exits 0.
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,17 @@ import asyncio
 import logging
 import os
 import signal
+import time
 from pathlib import Path
 
 import uvloop
 import zmq.asyncio
 from aiohttp import web
 
+from daemon import systemd
 from daemon.api import ApiState, make_app
 from daemon.config import NimbusConfig, load_config
-from daemon.engine import Engine
+from daemon.engine import Engine, HealthConfig
 from daemon.models import resolve_model
 from daemon.supervisor import LocalWorkers
 from daemon.tokenizer import Tokenizer
@@ -25,8 +32,9 @@ log = logging.getLogger("nimbus.serve")
 
 
 def runtime_dir(configured: str | None) -> Path:
-    base = configured or os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/nimbus-{os.getuid()}", "nimbus")
-    path = Path(base)
+    default = os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/nimbus-{os.getuid()}", "nimbus")
+    # under systemd RuntimeDirectory=nimbus sets this to /run/nimbus, which survives a daemon restart
+    path = Path(configured or os.environ.get("RUNTIME_DIRECTORY") or default)
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)  # only the service user may reach the workers' socket
     return path
@@ -40,19 +48,50 @@ def config_from_args(args: argparse.Namespace) -> NimbusConfig:
     })
 
 
+def health_config(config: NimbusConfig) -> HealthConfig:
+    w = config.workers
+    return HealthConfig(heartbeat_interval_s=w.heartbeat_interval_s, heartbeat_timeout_s=w.heartbeat_timeout_s,
+                        step_timeout_s=w.step_timeout_s, placement_timeout_s=config.server.replica_wait_s)
+
+
+async def adopt_running_workers(engine: Engine, wait_s: float) -> dict[str, int]:
+    """Give workers left by an earlier daemon time to register again; returns {worker_id: pid}."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return {r.worker_id: r.hello.pid for r in engine.live()}
+
+
+async def notify_ready(engine: Engine, status: str) -> None:
+    """READY=1 to systemd once a worker has registered; started after the HTTP site listens."""
+    while not await engine.wait_ready(60.0):
+        systemd.notify("STATUS=listening; waiting for a worker to register")
+    systemd.notify("READY=1", f"STATUS={status}")
+
+
 async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None = None) -> None:
     served = config.model.served_model_name or folder.name
     tokenizer = Tokenizer.from_folder(folder)
     ctx = zmq.asyncio.Context()
     endpoint = RouterEndpoint(ctx)
-    address = endpoint.bind(f"ipc://{runtime_dir(config.workers.runtime_dir)}/workers-{config.server.port}.sock")
+    socket_path = runtime_dir(config.workers.runtime_dir) / f"workers-{config.server.port}.sock"
+    earlier_daemon = socket_path.exists()  # left behind when a daemon died without closing it
+    address = endpoint.bind(f"ipc://{socket_path}")
     if config.workers.bind:
         log.info("accepting remote workers on %s", endpoint.bind(config.workers.bind))
-    engine = Engine(endpoint, str(folder), tokenizer, config.scheduler, config.workers.step_timeout_s,
+    engine = Engine(endpoint, str(folder), tokenizer, config.scheduler, health_config(config),
                     config.model.max_model_len)
-    receiver = asyncio.create_task(engine.receive_loop(), name="zmq-receive")
-    workers = LocalWorkers(config.workers, address, str(folder), config.model.max_model_len)
-    state = ApiState(engine, tokenizer, served, config.server.max_waiting_requests, config.server.replica_wait_s)
+    workers = LocalWorkers(config.workers, address, str(folder), config.model.max_model_len,
+                           on_exit=engine.worker_exited)
+    engine.on_dead = workers.kill
+    tasks = [asyncio.create_task(engine.receive_loop(), name="zmq-receive"),
+             asyncio.create_task(engine.health_loop(), name="health")]
+    if (interval := systemd.watchdog_interval()) is not None:
+        loops = list(tasks)  # WATCHDOG=1 only while the event loop runs and its core loops live
+        tasks.append(asyncio.create_task(
+            systemd.watchdog_loop(interval, lambda: not any(t.done() for t in loops)), name="sd-watchdog"))
+    state = ApiState(engine, tokenizer, served, config.server.max_waiting_requests, config.server.replica_wait_s,
+                     supervisor=workers)
     runner = web.AppRunner(make_app(state, config.server.max_body_bytes), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.server.host, config.server.port)
@@ -61,19 +100,30 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        await workers.start()
+        adopted = {}
+        if earlier_daemon:  # its workers re-register as soon as they see we do not know them
+            adopted = await adopt_running_workers(engine, 2 * config.workers.heartbeat_interval_s + 1.0)
+        systemd.notify("STATUS=starting workers")
+        await workers.start(adopted)
         await site.start()
         log.info("serving %s as '%s' on http://%s:%d", folder, served, config.server.host, config.server.port)
+        tasks.append(asyncio.create_task(notify_ready(
+            engine, f"serving '{served}' on http://{config.server.host}:{config.server.port}"), name="sd-ready"))
         await stop.wait()
-        log.info("shutting down")
+        systemd.notify("STOPPING=1", f"STATUS=draining {engine.num_active()} requests")
+        log.info("draining: refusing new requests, finishing %d in flight", engine.num_active())
         state.draining = True
+        if not await engine.drain(config.server.drain_timeout_s):
+            log.warning("drain deadline passed with %d requests unfinished", engine.num_active())
     finally:
         engine.shutdown_workers()
         await runner.cleanup()
         await workers.stop()
-        receiver.cancel()
+        for task in tasks:
+            task.cancel()
         endpoint.close()
         ctx.term()
+        socket_path.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:

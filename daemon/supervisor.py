@@ -1,18 +1,30 @@
-"""Local worker processes: how many, with which devices and threads, started as `nimbus worker` children."""
+"""Local worker processes: planning (devices, threads), starting, watching, restarting with backoff.
+
+A worker that dies is restarted after 1, 2, 4, ... seconds; one that keeps dying soon after each start
+is left down and reported as crash-looping. Workers left running by an earlier daemon (they outlive
+it) are adopted instead of started again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from daemon.config import WorkersConfig
 
 log = logging.getLogger("nimbus.supervisor")
+# a worker that dies within this many seconds of starting counts as a quick failure
+QUICK_FAILURE_S = 60.0
+MAX_BACKOFF_S = 30.0
 
 
 def visible_gpus() -> int:
@@ -54,47 +66,141 @@ def plan_workers(config: WorkersConfig) -> list[WorkerSpec]:
     return [WorkerSpec(f"local-{i}", "cpu", threads) for i in range(count)]
 
 
-class LocalWorkers:
-    """Starts and stops the daemon's own worker processes."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    def __init__(self, config: WorkersConfig, address: str, model: str, max_model_len: int | None) -> None:
+
+@dataclass
+class Slot:
+    spec: WorkerSpec
+    pid: int | None = None
+    proc: asyncio.subprocess.Process | None = None
+    state: str = "starting"  # starting | running | backoff | crashloop | stopped
+    started_at: float = 0.0
+    restarts: int = 0
+    quick_failures: int = 0
+    last_exit: str = ""
+    task: asyncio.Task | None = field(default=None, repr=False)
+
+
+class LocalWorkers:
+    """Starts, watches and restarts the daemon's own worker processes."""
+
+    def __init__(self, config: WorkersConfig, address: str, model: str, max_model_len: int | None,
+                 on_exit: Callable[[str, str], None] | None = None) -> None:
         self.config = config
         self.address = address
         self.model = model
         self.max_model_len = max_model_len
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.on_exit = on_exit
+        self.slots = {spec.worker_id: Slot(spec) for spec in plan_workers(config)}
+        self.stopping = False
 
     def command(self, spec: WorkerSpec) -> list[str]:
+        c = self.config
         cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", self.address, "--model", self.model,
-               "--worker-id", spec.worker_id, "--device", spec.device, "--parent-pid", str(os.getpid()),
-               "--kv-cache-memory", self.config.kv_cache_memory, "--block-size", str(self.config.block_size)]
+               "--worker-id", spec.worker_id, "--device", spec.device, "--kv-cache-memory", c.kv_cache_memory,
+               "--block-size", str(c.block_size), "--lease", str(c.lease_s),
+               "--orphan-timeout", str(c.orphan_timeout_s)]
         if spec.threads:
             cmd += ["--threads", str(spec.threads)]
-        if self.config.dtype:
-            cmd += ["--dtype", self.config.dtype]
-        if self.config.null_model:
+        if c.dtype:
+            cmd += ["--dtype", c.dtype]
+        if c.null_model:
             cmd.append("--null-model")
+        if c.fault:
+            cmd += ["--fault", c.fault]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
         return cmd
 
-    async def start(self) -> None:
-        for spec in plan_workers(self.config):
-            env = dict(os.environ)
-            if spec.threads:  # keep OpenMP from spawning a thread per core in every worker
-                env["OMP_NUM_THREADS"] = str(spec.threads)
-            proc = await asyncio.create_subprocess_exec(*self.command(spec), env=env)
-            self.procs[spec.worker_id] = proc
-            log.info("started worker %s (pid %d, %s)", spec.worker_id, proc.pid, spec.device)
+    async def start(self, adopted: dict[str, int] | None = None) -> None:
+        """Start every planned worker, except those already running (id -> pid) from an earlier daemon."""
+        for worker_id, slot in self.slots.items():
+            pid = (adopted or {}).get(worker_id)
+            if pid is not None:
+                slot.pid, slot.state, slot.started_at = pid, "running", time.monotonic()
+                slot.task = asyncio.create_task(self._watch_adopted(slot), name=f"watch-{worker_id}")
+                log.info("adopted worker %s (pid %d) left running by an earlier daemon", worker_id, pid)
+            else:
+                await self._spawn(slot)
+
+    async def _spawn(self, slot: Slot) -> None:
+        env = dict(os.environ, NIMBUS_SUPERVISED="1")
+        if slot.spec.threads:  # keep OpenMP from starting a thread per core in every worker
+            env["OMP_NUM_THREADS"] = str(slot.spec.threads)
+        proc = await asyncio.create_subprocess_exec(*self.command(slot.spec), env=env)
+        slot.proc, slot.pid, slot.state, slot.started_at = proc, proc.pid, "running", time.monotonic()
+        slot.task = asyncio.create_task(self._watch_child(slot, proc), name=f"watch-{slot.spec.worker_id}")
+        log.info("started worker %s (pid %d, %s)", slot.spec.worker_id, proc.pid, slot.spec.device)
+
+    async def _watch_child(self, slot: Slot, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        how = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        await self._exited(slot, how)
+
+    async def _watch_adopted(self, slot: Slot) -> None:
+        while slot.pid is not None and _pid_alive(slot.pid):
+            await asyncio.sleep(0.5)
+        await self._exited(slot, "exited")
+
+    async def _exited(self, slot: Slot, how: str) -> None:
+        worker_id = slot.spec.worker_id
+        slot.last_exit, slot.pid, slot.proc = how, None, None
+        if self.on_exit is not None:
+            self.on_exit(worker_id, how)
+        if self.stopping:
+            slot.state = "stopped"
+            return
+        quick = time.monotonic() - slot.started_at < QUICK_FAILURE_S
+        slot.quick_failures = slot.quick_failures + 1 if quick else 1
+        if slot.quick_failures > self.config.max_restarts:
+            slot.state = "crashloop"
+            log.error("worker %s %s; it failed %d times in a row soon after starting: leaving it down",
+                      worker_id, how, slot.quick_failures)
+            return
+        delay = min(self.config.restart_backoff_s * 2 ** (slot.quick_failures - 1), MAX_BACKOFF_S)
+        slot.state = "backoff"
+        log.warning("worker %s %s; restarting in %.1fs", worker_id, how, delay)
+        await asyncio.sleep(delay)
+        if not self.stopping:
+            slot.restarts += 1
+            await self._spawn(slot)
+
+    def kill(self, worker_id: str, pid: int) -> None:
+        """Kill a worker declared dead (hung, silent); its watcher then restarts it."""
+        slot = self.slots.get(worker_id)
+        if slot is not None and slot.pid == pid:
+            log.warning("killing worker %s (pid %d)", worker_id, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+    def status(self) -> dict[str, dict[str, object]]:
+        return {wid: {"pid": s.pid, "state": s.state, "restarts": s.restarts, "last_exit": s.last_exit}
+                for wid, s in self.slots.items()}
 
     async def stop(self, grace_s: float = 5.0) -> None:
-        for proc in self.procs.values():
-            if proc.returncode is None:
-                proc.terminate()
-        for worker_id, proc in self.procs.items():
-            try:
-                await asyncio.wait_for(proc.wait(), grace_s)
-            except TimeoutError:
-                log.warning("worker %s did not stop; killing it", worker_id)
-                proc.kill()
-                await proc.wait()
+        self.stopping = True
+        for slot in self.slots.values():
+            if slot.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for slot in self.slots.values():
+            while slot.pid is not None and _pid_alive(slot.pid) and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if slot.pid is not None and _pid_alive(slot.pid):
+                log.warning("worker %s did not stop; killing it", slot.spec.worker_id)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.pid, signal.SIGKILL)
+            if slot.task is not None:
+                slot.task.cancel()
+            if slot.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    await slot.proc.wait()

@@ -1,0 +1,239 @@
+"""Reruns the serving benchmarks of docs/benchmarks.md: real `nimbus serve` processes on 127.0.0.1, driven by `nimbus bench`.
+
+For each worker count: (a) a burst of 64 requests, 256 prompt tokens, 128 output tokens (ignore_eos), completions;
+(b) time to first token at low load: 10 requests one at a time; (c) the daemon alone: the same burst against
+null-model workers (they answer each step at once), with steps/s from GET /admin/workers, the CPU seconds of the
+daemon, its workers and the client, and then once more under a profiler (py-spy if installed, else cProfile):
+where the daemon's time goes. The profiled run is separate because a profiler on two cores slows what it watches.
+
+    .venv/bin/python bench/serve.py [--workers 1,2] [--quick] [--out DIR] [--profiler py-spy|cprofile|none]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import pstats
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+TICK = os.sysconf("SC_CLK_TCK")
+BURST = dict(num_requests=64, input_len=256, output_len=128)
+LOW_LOAD = dict(num_requests=10, input_len=256, output_len=64, max_concurrency=1)
+QUICK = {"burst": dict(num_requests=16, input_len=256, output_len=32),
+         "low": dict(num_requests=4, input_len=256, output_len=16, max_concurrency=1)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def proc_stat(pid: int) -> tuple[int, float]:
+    """(parent pid, CPU seconds user+system) of a live process, from /proc."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    rest = text[text.rindex(")") + 2:].split()  # the command name may hold spaces: skip past it
+    return int(rest[1]), (int(rest[11]) + int(rest[12])) / TICK
+
+
+class Server:
+    """One `nimbus serve` (optionally under a profiler), with its log and config in `out`."""
+
+    def __init__(self, out: Path, workers: int, null_model: bool, profiler: str = "none") -> None:
+        self.port, self.workers, self.out = free_port(), workers, out
+        self.name = f"w{workers}-{'null' if null_model else 'model'}{'-' + profiler if profiler != 'none' else ''}"
+        self.null_model, self.profiler = null_model, profiler
+        self.proc: subprocess.Popen | None = None
+        self.daemon_pid = 0
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        config = self.out / f"{self.name}.toml"
+        config.write_text(f'[workers]\nruntime_dir = "{self.out}/run"\nnull_model = {str(self.null_model).lower()}\n')
+        serve = ["-m", "daemon.cli", "serve", "--port", str(self.port), "--workers", str(self.workers),
+                 "--config", str(config)]
+        if self.profiler == "py-spy":  # py-spy launches the daemon: attaching by pid is refused in some sandboxes
+            return [py_spy(), "record", "--format", "raw", "--rate", "200", "-o", str(self.out / f"{self.name}.txt"),
+                    "--", sys.executable, *serve]
+        if self.profiler == "cprofile":
+            return [sys.executable, "-m", "cProfile", "-o", str(self.out / f"{self.name}.prof"), *serve]
+        return [sys.executable, *serve]
+
+    def __enter__(self) -> Server:
+        log = (self.out / f"{self.name}.log").open("w")
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nimbus serve exited ({self.proc.returncode}); see {log.name}")
+            with contextlib.suppress(OSError, ValueError):
+                if get_json(self.url + "/ready")["replicas"] >= self.workers:
+                    # the workers are the daemon's children, whichever wrapper started the daemon
+                    self.daemon_pid = proc_stat(self.worker_pids()[0])[0]
+                    return self
+            time.sleep(0.3)
+        self.__exit__()
+        raise TimeoutError(f"nimbus serve not ready in 300 s; see {log.name}")
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in get_json(self.url + "/admin/workers")["workers"]]
+
+    def counters(self) -> dict[str, float]:
+        """Steps so far (all workers) and CPU seconds of the daemon and of its workers."""
+        rows = get_json(self.url + "/admin/workers")["workers"]
+        return {"steps": sum(w["steps"] for w in rows), "daemon_cpu_s": proc_stat(self.daemon_pid)[1],
+                "worker_cpu_s": sum(proc_stat(w["pid"])[1] for w in rows)}
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):  # the daemon itself, so a profiler wrapping it writes out
+            os.kill(self.daemon_pid or self.proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=60)
+        with contextlib.suppress(ProcessLookupError):  # whatever is left of the session: daemon and workers
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+
+def py_spy() -> str:
+    return shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy") or ""
+
+
+def bench(server: Server, out: Path, name: str, workload: dict[str, Any]) -> dict[str, Any]:
+    """Run one `nimbus bench`; return its summary with the server's steps and CPU and the client's CPU."""
+    args = [sys.executable, "-m", "daemon.cli", "bench", "--base-url", server.url + "/v1"]
+    warm = [*args, "--num-requests", "2", "--input-len", "32", "--output-len", "8"]  # first steps allocate
+    subprocess.run(warm, cwd=ROOT, check=True, capture_output=True)
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in workload.items()]
+    before, client = server.counters(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run([*args, *flags, "--json", str(out / f"{name}.json")], cwd=ROOT, check=True,
+                          capture_output=True, text=True)
+    after, client_after = server.counters(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    print(f"--- {name}\n{done.stdout}", flush=True)
+    summary = json.loads((out / f"{name}.json").read_text())["runs"][0]["summary"]
+    delta = {k: after[k] - before[k] for k in before}
+    delta["client_cpu_s"] = (client_after.ru_utime + client_after.ru_stime) - (client.ru_utime + client.ru_stime)
+    return {"name": name, **summary, **delta}
+
+
+def measure(out: Path, workers: int, quick: bool, profiler: str) -> list[dict[str, Any]]:
+    burst, low = (QUICK["burst"], QUICK["low"]) if quick else (BURST, LOW_LOAD)
+    rows = []
+    with Server(out, workers, null_model=False) as server:
+        rows.append(bench(server, out, f"w{workers}-burst", burst))
+        rows.append(bench(server, out, f"w{workers}-low-load", low))
+    with Server(out, workers, null_model=True) as server:
+        rows.append(bench(server, out, f"w{workers}-null-burst", burst))
+    if profiler != "none":
+        with Server(out, workers, null_model=True, profiler=profiler) as server:
+            bench(server, out, f"w{workers}-null-burst-profiled", burst)
+        print(profile_report(server, out))
+    return [{"workers": workers, **r} for r in rows]
+
+
+def profile_report(server: Server, out: Path, top: int = 25) -> str:
+    if server.profiler == "cprofile":
+        path = out / f"{server.name}.top.txt"
+        with path.open("w") as f:
+            pstats.Stats(str(out / f"{server.name}.prof"), stream=f).sort_stats("cumulative").print_stats(top)
+        return path.read_text()
+    return summarize_py_spy(out / f"{server.name}.txt", top)
+
+
+def summarize_py_spy(path: Path, top: int = 25) -> str:
+    """Self and inclusive shares of the daemon's samples, by function and by file, leaving out start-up imports."""
+    own, inclusive, by_file, total = Counter(), Counter(), Counter(), 0
+    for line in path.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not stack or any("importlib._bootstrap" in f for f in frames):
+            continue
+        n = int(count)
+        total += n
+        names = [f.split(":")[0] + ")" if ":" in f else f for f in frames]  # drop line numbers
+        own[names[-1]] += n
+        for name in set(names):
+            inclusive[name] += n
+        by_file[_file_of(names[-1])] += n
+    lines = [f"py-spy: {total} samples of the daemon's busy threads ({path})", "", "self time by file:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in by_file.most_common(top)]
+    lines += ["", "self time by function:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
+    lines += ["", "inclusive time by function:"]
+    lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+def _file_of(frame: str) -> str:
+    inside = frame[frame.rfind("(") + 1: -1]
+    return inside.split("site-packages/")[-1] if "site-packages/" in inside else inside
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    def ms(d: dict[str, float | None], *stats: str) -> str:  # None: nothing completed
+        return " / ".join("-" if d[s] is None else f"{d[s] * 1000:.0f}" for s in stats)
+
+    head = ("| workers | run | done / failed | duration s | req/s | output tok/s | total tok/s | TTFT p50/p90/p99 ms "
+            "| ITL p50/p90/p99 ms | E2E p50/p99 ms | steps/s | tokens/step | daemon CPU ms/step | CPU s daemon / "
+            "workers / client |")
+    lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+    for r in rows:
+        steps = r["steps"] or 1
+        lines.append(
+            f"| {r['workers']} | {r['name'].split('-', 1)[1]} | {r['completed']} / {r['failed']} | {r['duration_s']:.1f} "
+            f"| {r['request_throughput']:.2f} | {r['output_throughput']:.1f} | {r['total_token_throughput']:.1f} "
+            f"| {ms(r['ttft_s'], 'p50', 'p90', 'p99')} | {ms(r['itl_s'], 'p50', 'p90', 'p99')} "
+            f"| {ms(r['e2e_latency_s'], 'p50', 'p99')} "
+            f"| {r['steps'] / r['duration_s']:.1f} | {r['output_tokens'] / steps:.1f} "
+            f"| {1000 * r['daemon_cpu_s'] / steps:.2f} "
+            f"| {r['daemon_cpu_s']:.1f} / {r['worker_cpu_s']:.1f} / {r['client_cpu_s']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workers", default="1", help="worker counts to measure, e.g. 1,2")
+    parser.add_argument("--quick", action="store_true", help="small workloads: a smoke test of this script")
+    parser.add_argument("--out", default=None, help="folder for logs, JSON and profiles (default: a new temp dir)")
+    parser.add_argument("--profiler", choices=("py-spy", "cprofile", "none"), default=None,
+                        help="profiler of the null-model daemon (default: py-spy if installed, else cProfile)")
+    args = parser.parse_args()
+    out = Path(args.out or tempfile.mkdtemp(prefix="nimbus-bench-serve-")).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    profiler = args.profiler or ("py-spy" if py_spy() else "cprofile")
+    print(f"results in {out}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Python {platform.python_version()}", flush=True)
+    rows = [r for w in args.workers.split(",") for r in measure(out, int(w), args.quick, profiler)]
+    (out / "serve.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""One worker serving one model: its scheduler, the loop that drives its steps, and request streams.
+
+The loop is schedule -> send -> await the result -> update -> emit. A worker failure ends the loop;
+the engine then moves the replica's sequences elsewhere (they keep every token, so nothing is lost).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+import zmq
+
+from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate, StepPlan
+from daemon.tokenizer import IncrementalDetokenizer, StopMatcher
+from protocol.messages import Error, Hello, StepResult
+from protocol.transport import RouterEndpoint
+
+log = logging.getLogger("nimbus.replica")
+
+
+@dataclass(slots=True)
+class Delta:
+    """New output of one choice: text safe to show, its tokens, logprob entries, and the end if reached."""
+
+    index: int
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class RequestStream:
+    """One request's output channel. `put` never blocks the step loop; a slow reader gets merged deltas."""
+
+    def __init__(self, num_choices: int) -> None:
+        self._pending: list[Delta] = []
+        self._ready = asyncio.Event()
+        self.unfinished = num_choices
+        self.error: str | None = None
+        self.error_status = 503
+
+    def put(self, delta: Delta) -> None:
+        if delta.finish_reason is not None:
+            self.unfinished -= 1
+        self._pending.append(delta)
+        self._ready.set()
+
+    def fail(self, message: str, status: int = 503) -> None:
+        if self.error is None:
+            self.error, self.error_status = message, status
+        self._ready.set()
+
+    @property
+    def finished(self) -> bool:
+        return self.unfinished <= 0 or self.error is not None
+
+    async def get(self) -> list[Delta]:
+        """Everything produced since the last call (waits for at least one delta or the end)."""
+        while not self._pending and not self.finished:
+            self._ready.clear()
+            await self._ready.wait()
+        out, self._pending = self._pending, []
+        return out
+
+
+@dataclass(slots=True)
+class Track:
+    """Per-sequence output state kept beside the scheduler's Sequence; it moves with the sequence."""
+
+    seq: Sequence
+    index: int
+    stream: RequestStream
+    detok: IncrementalDetokenizer
+    stops: StopMatcher | None
+    failures: int = 0  # worker deaths or failed steps while this sequence was in the step
+
+
+class WorkerFailed(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class InFlight:
+    plan: StepPlan
+    future: asyncio.Future[StepResult]
+    started: float  # time.monotonic()
+
+
+class Replica:
+    def __init__(self, hello: Hello, identity: bytes, endpoint: RouterEndpoint, config: SchedulerConfig,
+                 incarnation: int) -> None:
+        self.hello = hello
+        self.identity = identity
+        self.endpoint = endpoint
+        self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
+        self.incarnation = incarnation
+        self.tracks: dict[int, Track] = {}
+        self.wake = asyncio.Event()
+        self.in_flight: InFlight | None = None
+        self.last_heartbeat = time.monotonic()
+        self.registered_at = time.monotonic()
+        self.task: asyncio.Task[None] | None = None
+        self.alive = True
+        self.steps = 0
+        self.stale_frames = 0
+
+    @property
+    def worker_id(self) -> str:
+        return self.hello.worker_id
+
+    def add(self, track: Track) -> None:
+        self.tracks[track.seq.seq_id] = track
+        self.scheduler.add(track.seq)
+        self.wake.set()
+
+    def abort(self, seq_id: int) -> None:
+        if self.tracks.pop(seq_id, None) is not None:
+            self.scheduler.abort(seq_id)
+            self.wake.set()
+
+    def on_result(self, msg: StepResult | Error) -> None:
+        flight = self.in_flight
+        if flight is None or msg.step_id != flight.plan.step.step_id or flight.future.done():
+            self.stale_frames += 1
+            log.warning("worker %s: dropping a result for step %s (not in flight)", self.worker_id, msg.step_id)
+            return
+        if isinstance(msg, Error):
+            flight.future.set_exception(WorkerFailed(f"{msg.code}: {msg.message}"))
+        else:
+            flight.future.set_result(msg)
+
+    def fail(self, reason: str) -> list[Track]:
+        """The worker is gone: stop the loop and hand back every track (blame goes to the step in flight)."""
+        self.alive = False
+        flight = self.in_flight
+        if flight is not None:
+            for seq_id in flight.plan.scheduled:
+                if seq_id in self.tracks:
+                    self.tracks[seq_id].failures += 1
+            if not flight.future.done():
+                flight.future.set_exception(WorkerFailed(reason))
+        if self.task is not None and self.task is not asyncio.current_task():
+            self.task.cancel()
+        tracks = list(self.tracks.values())
+        self.tracks.clear()
+        return tracks
+
+    async def run(self, on_step_error) -> None:
+        loop = asyncio.get_running_loop()
+        while self.alive:
+            plan = self.scheduler.schedule()
+            if plan is None:
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            self.in_flight = InFlight(plan, loop.create_future(), time.monotonic())
+            try:
+                self.endpoint.send(self.identity, plan.step)
+                result = await self.in_flight.future
+                updates = self.scheduler.update(plan, result)
+            except (WorkerFailed, zmq.ZMQError, ValueError) as exc:
+                if not self.alive:
+                    return
+                on_step_error(self, plan, exc)  # the worker lives but its state is unknown: recompute
+                continue
+            finally:
+                self.in_flight = None
+            self.steps += 1
+            for update in updates:
+                self._emit(update)
+
+    def _emit(self, update: SeqUpdate) -> None:
+        track = self.tracks.get(update.seq.seq_id)
+        if track is None:
+            return
+        seq = update.seq
+        text = track.detok.add(update.new_token_ids) if update.new_token_ids else ""
+        finish = seq.finish_reason if update.finished else None
+        if update.finished:
+            text += track.detok.flush()
+        if track.stops is not None:
+            text, matched = track.stops.feed(text)
+            if matched:
+                if not update.finished:  # the worker may already hold one more token: it is freed next step
+                    self.scheduler.abort(seq.seq_id, "stop")
+                finish = "stop"
+            elif update.finished:
+                text += track.stops.flush()
+        entries = []
+        if seq.sampling.logprobs is not None and update.new_logprobs:
+            entries = [(tok, lp, top) for tok, (lp, top) in zip(update.new_token_ids, update.new_logprobs)]
+        track.stream.put(Delta(track.index, text, list(update.new_token_ids), entries, finish))
+        if finish is not None:
+            del self.tracks[seq.seq_id]
