@@ -61,8 +61,7 @@ PROSE = (
 @dataclass(frozen=True)
 class Plan:
     batches: tuple[int, ...]
-    decode_steps: int  # timed steps (new tokens per sequence) per round, Nimbus and transformers
-    hf_steps_max_batch: int  # transformers' new tokens at the largest batch (fewer if it is too slow)
+    decode_steps: int  # timed steps (new tokens per sequence) per round, Nimbus and transformers alike
     rounds: int  # Nimbus and transformers alternate this many times per batch size
     profile_steps: int
 
@@ -71,19 +70,25 @@ class Plan:
         return max(max(self.batches), 2 * GROUP)
 
 
-FULL = Plan(batches=(1, 8, 32, 64), decode_steps=16, hf_steps_max_batch=8, rounds=2, profile_steps=3)
-QUICK = Plan(batches=(1, 8), decode_steps=8, hf_steps_max_batch=8, rounds=1, profile_steps=2)
+FULL = Plan(batches=(1, 8, 32, 64), decode_steps=8, rounds=4, profile_steps=3)
+QUICK = Plan(batches=(1, 8), decode_steps=4, rounds=2, profile_steps=2)
 
 
 @dataclass
 class DecodeResult:
+    """Seconds per step, one list per round; Nimbus and transformers rounds alternate."""
+
     batch: int
-    context: int  # tokens in context at the first timed step
-    nimbus_step_s: list[float] = field(default_factory=list)  # StepExecutor.execute, per step
-    forward_s: list[float] = field(default_factory=list)  # ModelRunner.forward inside it
-    hf_step_s: list[float] = field(default_factory=list)  # one generate iteration
-    hf_wall_s: list[float] = field(default_factory=list)  # whole generate calls
-    hf_new_tokens: int = 0
+    load: float  # 1-minute load average of the machine when the batch started
+    nimbus: list[list[float]] = field(default_factory=list)  # StepExecutor.execute
+    forward: list[list[float]] = field(default_factory=list)  # ModelRunner.forward inside it
+    hf: list[list[float]] = field(default_factory=list)  # one `generate` iteration
+    hf_wall: list[float] = field(default_factory=list)  # whole `generate` calls
+
+
+def least_disturbed(rounds: list[list[float]]) -> float:
+    """The median step of the round with the lowest median: the round least slowed by other load."""
+    return min(statistics.median(r) for r in rounds)
 
 
 class TimedRunner(ModelRunner):
@@ -234,9 +239,11 @@ class NimbusDriver:
         return self.runner.last_forward_s
 
     def decode(self, prompts: list[list[int]], firsts: list[int], tables: list[list[int]], fresh: list[int],
-               steps: int, result: DecodeResult) -> None:
+               steps: int) -> tuple[list[float], list[float]]:
         """`steps` decode steps over sequences that reuse the prefilled prompts' blocks (a prefix-cache hit,
-        as the daemon would send it), writing their new tokens' K/V into `fresh` blocks."""
+        as the daemon would send it), writing their new tokens' K/V into `fresh` blocks.
+
+        Returns the seconds of each step in StepExecutor.execute and in ModelRunner.forward."""
         per_seq = len(fresh) // len(prompts)
         ids = list(range(self.next_seq, self.next_seq + len(prompts)))
         self.next_seq += len(prompts)
@@ -246,11 +253,13 @@ class NimbusDriver:
             for i, (sid, p, first, t) in enumerate(zip(ids, prompts, firsts, tables))
         )
         seq_ids, ones = pack_ints(ids), pack_ints([1] * len(ids))
+        step_s, forward_s = [], []
         for k in range(steps):
             _, elapsed = self.step(new_seqs=new if k == 0 else (), seq_ids=seq_ids, num_tokens=ones)
-            result.nimbus_step_s.append(elapsed)
-            result.forward_s.append(self.runner.last_forward_s)
+            step_s.append(elapsed)
+            forward_s.append(self.runner.last_forward_s)
         self.step(free_seq_ids=seq_ids)
+        return step_s, forward_s
 
 
 # ------------------------------------------------------------------------------------- transformers
@@ -276,10 +285,11 @@ def hf_prefill(model: Any, prompts: list[list[int]]) -> tuple[DynamicCache, floa
 
 
 def hf_decode(model: Any, prompts: list[list[int]], firsts: list[int], layers: list[tuple[torch.Tensor, ...]],
-              new_tokens: int, result: DecodeResult) -> None:
+              new_tokens: int) -> tuple[list[float], float]:
     """transformers' greedy `generate` of `new_tokens` tokens for prompt + first token, the prompt's KV given.
 
-    The prompts are all PROMPT_LEN tokens, so the left padding is empty; the mask is passed all the same."""
+    The prompts are all PROMPT_LEN tokens, so the left padding is empty; the mask is passed all the same.
+    Returns the seconds of each generate iteration (the first includes its set-up) and of the whole call."""
     b = len(prompts)
     cache = DynamicCache(ddp_cache_data=[(k[:b], v[:b]) for k, v in layers], config=model.config)
     ids = torch.tensor([[*p, f] for p, f in zip(prompts, firsts)])
@@ -290,12 +300,11 @@ def hf_decode(model: Any, prompts: list[list[int]], firsts: list[int], layers: l
         do_sample=False, eos_token_id=None, pad_token_id=model.generation_config.pad_token_id,
         stopping_criteria=StoppingCriteriaList([clock]),
     )
-    result.hf_wall_s.append(time.perf_counter() - t0)
+    wall = time.perf_counter() - t0
     if out.shape[1] != ids.shape[1] + new_tokens:
         raise RuntimeError(f"generate made {out.shape[1] - ids.shape[1]} tokens, not {new_tokens}")
     marks = [t0, *clock.times]
-    result.hf_step_s.extend(b - a for a, b in zip(marks, marks[1:]))
-    result.hf_new_tokens = new_tokens
+    return [b - a for a, b in zip(marks, marks[1:])], wall
 
 
 def merge_caches(caches: list[DynamicCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -424,7 +433,7 @@ def run(plan: Plan) -> dict[str, Any]:
 
     def profiled_steps() -> float:
         t0 = time.perf_counter()
-        driver.decode(prompts[:b], firsts[:b], tables[:b], fresh, plan.profile_steps, DecodeResult(b, PROMPT_LEN))
+        driver.decode(prompts[:b], firsts[:b], tables[:b], fresh, plan.profile_steps)
         return time.perf_counter() - t0
 
     profile = {"batch": b, "steps": plan.profile_steps, "torch": torch_profile(profiled_steps),
@@ -441,9 +450,9 @@ def warm_up(driver: NimbusDriver, hf: Any, prompt: list[int]) -> bool:
     short = prompt[:64]
     tables, firsts, _ = driver.prefill([short], None)
     _, chunked_firsts, _ = driver.prefill([short], 16)
-    driver.decode([short], firsts, tables, driver.blocks(1), 3, DecodeResult(1, 64))
+    driver.decode([short], firsts, tables, driver.blocks(1), 3)
     cache, _ = hf_prefill(hf, [short])
-    hf_decode(hf, [short], firsts, merge_caches([cache]), 3, DecodeResult(1, 64))
+    hf_decode(hf, [short], firsts, merge_caches([cache]), 3)
     return chunked_firsts == firsts
 
 
@@ -467,12 +476,15 @@ def prefill_all(driver: NimbusDriver, hf: Any, prompts: list[list[int]]) -> tupl
 
 def decode_batch(driver: NimbusDriver, hf: Any, plan: Plan, b: int, prompts: list[list[int]], firsts: list[int],
                  tables: list[list[int]], layers: list[tuple[torch.Tensor, torch.Tensor]]) -> DecodeResult:
-    result = DecodeResult(b, PROMPT_LEN + 1)
+    result = DecodeResult(b, os.getloadavg()[0])
     fresh = driver.blocks(b * (-(-plan.decode_steps // BLOCK) + 1))
-    hf_tokens = plan.hf_steps_max_batch if b == max(plan.batches) else plan.decode_steps
     for _ in range(plan.rounds):
-        driver.decode(prompts[:b], firsts[:b], tables[:b], fresh, plan.decode_steps, result)
-        hf_decode(hf, prompts[:b], firsts[:b], layers, hf_tokens, result)
+        step_s, forward_s = driver.decode(prompts[:b], firsts[:b], tables[:b], fresh, plan.decode_steps)
+        result.nimbus.append(step_s)
+        result.forward.append(forward_s)
+        hf_s, wall = hf_decode(hf, prompts[:b], firsts[:b], layers, plan.decode_steps)
+        result.hf.append(hf_s)
+        result.hf_wall.append(wall)
     driver.next_block -= len(fresh)  # the next batch size reuses these blocks
     return result
 
@@ -490,29 +502,27 @@ def report(plan: Plan, runner: ModelRunner, before: dict[str, float], after: dic
     for mode, times in prefill.items():
         tps = group_tokens / statistics.median(times)
         pre[mode] = {"tokens_per_s": tps, "group_s": times, "mm_fraction": tps * prefill_fpt / 1e9 / mm}
+    context = PROMPT_LEN + 1 + (plan.decode_steps - 1) / 2  # mean over the timed steps
     rows = []
     for d in decode:
-        step, fwd, hf_step = (statistics.median(x) for x in (d.nimbus_step_s, d.forward_s, d.hf_step_s))
-        overhead = statistics.median(s - w for s, w in zip(d.nimbus_step_s, d.forward_s))
-        context = d.context + (plan.decode_steps - 1) / 2
+        step, fwd, hf_step = (least_disturbed(x) for x in (d.nimbus, d.forward, d.hf))
+        pairs = [(s, w) for rs, rw in zip(d.nimbus, d.forward) for s, w in zip(rs, rw)]
+        overhead = statistics.median(s - w for s, w in pairs)
         tps = d.batch / step
         rows.append({
-            "batch": d.batch, "steps": plan.decode_steps, "hf_new_tokens": d.hf_new_tokens, "rounds": plan.rounds,
-            "nimbus_tokens_per_s": tps, "forward_tokens_per_s": d.batch / fwd,
+            "batch": d.batch, "load": d.load, "nimbus_tokens_per_s": tps, "forward_tokens_per_s": d.batch / fwd,
             "executor_overhead_ms": 1e3 * overhead, "executor_overhead_share": overhead / step,
             "hf_tokens_per_s": d.batch / hf_step, "ratio": hf_step / step,
-            "nimbus_wall_tokens_per_s": d.batch * len(d.nimbus_step_s) / sum(d.nimbus_step_s),
-            "hf_wall_tokens_per_s": d.batch * d.hf_new_tokens * len(d.hf_wall_s) / sum(d.hf_wall_s),
+            "ratio_all_steps_median": statistics.median(sum(d.hf, [])) / statistics.median(sum(d.nimbus, [])),
             "mm_fraction": tps * decode_flops_per_token(f, context) / 1e9 / mm,
-            "mean_context": context, "nimbus_step_s": d.nimbus_step_s, "forward_s": d.forward_s,
-            "hf_step_s": d.hf_step_s, "hf_wall_s": d.hf_wall_s,
+            "nimbus_step_s": d.nimbus, "forward_s": d.forward, "hf_step_s": d.hf, "hf_wall_s": d.hf_wall,
         })
     return {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(),
                     "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "plan": asdict(plan), "rates": rates, "rates_before": before, "rates_after": after,
-        "flops": {**f, "decode_per_token_ctx256": decode_flops_per_token(f, PROMPT_LEN),
+        "flops": {**f, "decode_per_token": decode_flops_per_token(f, context), "decode_mean_context": context,
                   "prefill_per_token": prefill_fpt},
         "prefill": pre, "decode": rows, "profile": profile, "run": run_info,
     }
@@ -527,7 +537,7 @@ def print_report(r: dict[str, Any]) -> None:
           f"{rates['mm_decode_gflops']:.0f} GFLOP/s (best of before/after); bfloat16 2048^3 "
           f"{rates['mm_2048_bf16_gflops']:.0f} GFLOP/s; memory read {rates['read_gbs']:.0f} GB/s")
     fl = r["flops"]
-    print(f"FLOPs/token: decode {fl['decode_per_token_ctx256'] / 1e6:.0f} M at context 256, "
+    print(f"FLOPs/token: decode {fl['decode_per_token'] / 1e6:.0f} M at context {fl['decode_mean_context']:.1f}, "
           f"prefill {fl['prefill_per_token'] / 1e6:.0f} M (256-token prompts)")
     print(f"\nprefill, {GROUP} prompts x {PROMPT_LEN} tokens per group (median group):")
     labels = {"one_step": "Nimbus, one step", "chunked": f"Nimbus, {PROMPT_LEN // CHUNK} chunks of {CHUNK}",
@@ -540,12 +550,15 @@ def print_report(r: dict[str, Any]) -> None:
               "(K/V never written; worker/executor.py bug); the bench ran those passes itself")
     if not r["run"]["chunked_first_token_matches_one_step"]:
         print("  WARNING: a chunked prefill sampled another first token than the same prompt in one step")
-    print("\ndecode, 256-token contexts, greedy, tokens/s from median step times:")
-    print("  batch  Nimbus  forward  exec+sampler    transformers  Nimbus/HF  of mm rate")
+    p = r["plan"]
+    print(f"\ndecode after 256-token prompts, greedy, {p['rounds']} alternating rounds of {p['decode_steps']} steps; "
+          "tokens/s from the least disturbed round's median step:")
+    print("  batch  load  Nimbus  forward  exec+sampler  transformers  Nimbus/HF (all steps)  of mm rate")
     for d in r["decode"]:
-        print(f"  {d['batch']:5d} {d['nimbus_tokens_per_s']:7.1f} {d['forward_tokens_per_s']:8.1f} "
+        print(f"  {d['batch']:5d} {d['load']:5.1f} {d['nimbus_tokens_per_s']:7.1f} {d['forward_tokens_per_s']:8.1f} "
               f"{d['executor_overhead_ms']:6.1f} ms {100 * d['executor_overhead_share']:3.0f}% "
-              f"{d['hf_tokens_per_s']:10.1f}    {d['ratio']:6.2f}x   {100 * d['mm_fraction']:6.0f}%")
+              f"{d['hf_tokens_per_s']:10.1f}   {d['ratio']:6.2f}x ({d['ratio_all_steps_median']:.2f}x)"
+              f"  {100 * d['mm_fraction']:8.0f}%")
     prof = r["profile"]
     t = prof["torch"]
     print(f"\nprofile of {prof['steps']} decode steps at batch {prof['batch']} ({t['wall_s']:.2f} s under the "

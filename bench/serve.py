@@ -6,7 +6,8 @@ null-model workers (they answer each step at once), with steps/s from GET /admin
 daemon, its workers and the client, and then once more under a profiler (py-spy if installed, else cProfile):
 where the daemon's time goes. The profiled run is separate because a profiler on two cores slows what it watches.
 
-    .venv/bin/python bench/serve.py [--workers 1,2] [--quick] [--out DIR] [--profiler py-spy|cprofile|none]
+    .venv/bin/python bench/serve.py [--workers 1,2] [--quick] [--parts burst,low-load,null] [--out DIR]
+                                    [--profiler py-spy|cprofile|none]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import platform
 import pstats
 import resource
+import secrets
 import shutil
 import signal
 import socket
@@ -34,8 +36,15 @@ ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
 BURST = dict(num_requests=64, input_len=256, output_len=128)
 LOW_LOAD = dict(num_requests=10, input_len=256, output_len=64, max_concurrency=1)
+# A longer null-model run: the burst alone lasts well under a second, and in the profiled run serving, not
+# start-up, should fill the profile.
+NULL_LONG = dict(num_requests=256, input_len=256, output_len=256)
 QUICK = {"burst": dict(num_requests=16, input_len=256, output_len=32),
-         "low": dict(num_requests=4, input_len=256, output_len=16, max_concurrency=1)}
+         "low": dict(num_requests=4, input_len=256, output_len=16, max_concurrency=1),
+         "long": dict(num_requests=64, input_len=256, output_len=64)}
+# Frames of start-up work (imports, tokenizer load, worker registration), left out of the profile summary.
+STARTUP_FRAMES = ("importlib._bootstrap", "Tokenizer.from_folder", "Engine._register", "LocalWorkers.start",
+                  "TCPSite.start")
 
 
 def free_port() -> int:
@@ -44,8 +53,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as resp:
+def get_json(url: str, key: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
         return json.loads(resp.read())
 
 
@@ -65,6 +75,7 @@ class Server:
         self.null_model, self.profiler = null_model, profiler
         self.proc: subprocess.Popen | None = None
         self.daemon_pid = 0
+        self.admin_key = secrets.token_hex(16)  # GET /admin/workers needs one; /v1 stays open (no API keys)
 
     @property
     def url(self) -> str:
@@ -72,7 +83,8 @@ class Server:
 
     def command(self) -> list[str]:
         config = self.out / f"{self.name}.toml"
-        config.write_text(f'[workers]\nruntime_dir = "{self.out}/run"\nnull_model = {str(self.null_model).lower()}\n')
+        config.write_text(f'[server]\nadmin_keys = ["{self.admin_key}"]\n[workers]\nruntime_dir = "{self.out}/run"\n'
+                          f'null_model = {str(self.null_model).lower()}\n')
         serve = ["-m", "daemon.cli", "serve", "--port", str(self.port), "--workers", str(self.workers),
                  "--config", str(config)]
         if self.profiler == "py-spy":  # py-spy launches the daemon: attaching by pid is refused in some sandboxes
@@ -90,21 +102,22 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nimbus serve exited ({self.proc.returncode}); see {log.name}")
-            with contextlib.suppress(OSError, ValueError):
-                if get_json(self.url + "/ready")["replicas"] >= self.workers:
-                    # the workers are the daemon's children, whichever wrapper started the daemon
-                    self.daemon_pid = proc_stat(self.worker_pids()[0])[0]
-                    return self
+            ready = False
+            with contextlib.suppress(OSError, ValueError):  # not listening yet
+                ready = get_json(self.url + "/ready")["replicas"] >= self.workers
+            if ready:  # the workers are the daemon's children, whichever wrapper started the daemon
+                self.daemon_pid = proc_stat(self.worker_pids()[0])[0]
+                return self
             time.sleep(0.3)
         self.__exit__()
         raise TimeoutError(f"nimbus serve not ready in 300 s; see {log.name}")
 
     def worker_pids(self) -> list[int]:
-        return [w["pid"] for w in get_json(self.url + "/admin/workers")["workers"]]
+        return [w["pid"] for w in get_json(self.url + "/admin/workers", self.admin_key)["workers"]]
 
     def counters(self) -> dict[str, float]:
         """Steps so far (all workers) and CPU seconds of the daemon and of its workers."""
-        rows = get_json(self.url + "/admin/workers")["workers"]
+        rows = get_json(self.url + "/admin/workers", self.admin_key)["workers"]
         return {"steps": sum(w["steps"] for w in rows), "daemon_cpu_s": proc_stat(self.daemon_pid)[1],
                 "worker_cpu_s": sum(proc_stat(w["pid"])[1] for w in rows)}
 
@@ -142,18 +155,24 @@ def bench(server: Server, out: Path, name: str, workload: dict[str, Any]) -> dic
     return {"name": name, **summary, **delta}
 
 
-def measure(out: Path, workers: int, quick: bool, profiler: str) -> list[dict[str, Any]]:
-    burst, low = (QUICK["burst"], QUICK["low"]) if quick else (BURST, LOW_LOAD)
+def measure(out: Path, workers: int, quick: bool, profiler: str, parts: set[str]) -> list[dict[str, Any]]:
+    burst, low, long = (QUICK["burst"], QUICK["low"], QUICK["long"]) if quick else (
+        BURST, LOW_LOAD, NULL_LONG)
     rows = []
-    with Server(out, workers, null_model=False) as server:
-        rows.append(bench(server, out, f"w{workers}-burst", burst))
-        rows.append(bench(server, out, f"w{workers}-low-load", low))
-    with Server(out, workers, null_model=True) as server:
-        rows.append(bench(server, out, f"w{workers}-null-burst", burst))
-    if profiler != "none":
+    if "burst" in parts or "low-load" in parts:
+        with Server(out, workers, null_model=False) as server:
+            for name, workload in (("burst", burst), ("low-load", low)):
+                if name in parts:
+                    rows.append(bench(server, out, f"w{workers}-{name}", workload))
+    if "null" in parts:
+        with Server(out, workers, null_model=True) as server:
+            rows.append(bench(server, out, f"w{workers}-null-burst", burst))
+            rows.append(bench(server, out, f"w{workers}-null-long", long))
+    if "null" in parts and profiler != "none":
         with Server(out, workers, null_model=True, profiler=profiler) as server:
-            bench(server, out, f"w{workers}-null-burst-profiled", burst)
-        print(profile_report(server, out))
+            rows.append(bench(server, out, f"w{workers}-null-long-profiled", long))
+        rows[-1]["profile"] = profile_report(server, out)
+        print(rows[-1]["profile"])
     return [{"workers": workers, **r} for r in rows]
 
 
@@ -168,20 +187,22 @@ def profile_report(server: Server, out: Path, top: int = 25) -> str:
 
 def summarize_py_spy(path: Path, top: int = 25) -> str:
     """Self and inclusive shares of the daemon's samples, by function and by file, leaving out start-up imports."""
-    own, inclusive, by_file, total = Counter(), Counter(), Counter(), 0
+    own, inclusive, by_file, total, startup = Counter(), Counter(), Counter(), 0, 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        if not stack or any("importlib._bootstrap" in f for f in frames):
-            continue
         n = int(count)
+        if any(marker in f for f in frames for marker in STARTUP_FRAMES):
+            startup += n
+            continue
         total += n
         names = [f.split(":")[0] + ")" if ":" in f else f for f in frames]  # drop line numbers
         own[names[-1]] += n
         for name in set(names):
             inclusive[name] += n
         by_file[_file_of(names[-1])] += n
-    lines = [f"py-spy: {total} samples of the daemon's busy threads ({path})", "", "self time by file:"]
+    lines = [f"py-spy: {total} samples of the daemon's busy threads while serving, {startup} more in start-up "
+             f"({path})", "", "self time by file:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in by_file.most_common(top)]
     lines += ["", "self time by function:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
@@ -223,13 +244,15 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="folder for logs, JSON and profiles (default: a new temp dir)")
     parser.add_argument("--profiler", choices=("py-spy", "cprofile", "none"), default=None,
                         help="profiler of the null-model daemon (default: py-spy if installed, else cProfile)")
+    parser.add_argument("--parts", default="burst,low-load,null", help="which of burst, low-load, null to run")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     out = Path(args.out or tempfile.mkdtemp(prefix="nimbus-bench-serve-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     profiler = args.profiler or ("py-spy" if py_spy() else "cprofile")
     print(f"results in {out}; {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}", flush=True)
-    rows = [r for w in args.workers.split(",") for r in measure(out, int(w), args.quick, profiler)]
+    rows = [r for w in args.workers.split(",") for r in measure(out, int(w), args.quick, profiler, parts)]
     (out / "serve.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))
     return 0

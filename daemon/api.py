@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from daemon.engine import Engine
 from daemon.replica import Delta, RequestStream
@@ -50,8 +51,9 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return await handler(request)
     except APIError as exc:
         return web.json_response(exc.body(), status=exc.status, headers=exc.headers)
-    except web.HTTPRequestEntityTooLarge as exc:
-        err = APIError(f"request body too large (limit {exc.max_size} bytes)", status=413, code="body_too_large")
+    except web.HTTPRequestEntityTooLarge:
+        err = APIError(f"request body too large (limit {request.client_max_size} bytes)", status=413,
+                       code="body_too_large")
         return web.json_response(err.body(), status=413)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -66,8 +68,10 @@ async def errors_middleware(request: web.Request, handler) -> web.StreamResponse
         return web.json_response(err.body(), status=500)
 
 
-def make_app(state: ApiState, max_body_bytes: int = 4 * 1024 * 1024) -> web.Application:
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_middleware])
+def make_app(state: ApiState, max_body_bytes: int = 4 * 1024 * 1024, auth: Middleware | None = None) -> web.Application:
+    # auth first: nothing runs before a request is authorised
+    middlewares = [errors_middleware] if auth is None else [auth, errors_middleware]
+    app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[STATE] = state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
@@ -132,7 +136,7 @@ async def _read_json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, absurd nesting or integer sizes
         raise APIError(f"malformed JSON body: {exc}", code="invalid_json") from None
 
 
@@ -203,6 +207,9 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     prompts = await _tokenize(state, req)
     max_tokens = _limit_tokens(req, prompts, state.engine.max_model_len)
     total = len(prompts) * req.n
+    if total > state.max_waiting_requests:  # a 429 would never clear for this one: say why instead
+        raise APIError(f"this request asks for {total} completions (prompts x n), more than the "
+                       f"{state.max_waiting_requests} this server queues", param="n", code="invalid_value")
     if state.engine.num_waiting() + total > state.max_waiting_requests:
         raise APIError("too many requests waiting; retry shortly", status=429, code="queue_full",
                        headers={"Retry-After": "1"})

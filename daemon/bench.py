@@ -124,6 +124,7 @@ class RequestResult:
     itl_s: list[float] = field(default_factory=list)
     prompt_tokens: int = 0
     output_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the server says it took from its prefix cache
     chunks: int = 0  # chunks that carried text
     usage_reported: bool = False
 
@@ -178,7 +179,7 @@ def summarize(results: Sequence[RequestResult], duration_s: float, output_len: i
         "failure_reasons": dict(Counter(r.error or "unknown" for r in results if not r.ok)),
         # a server that ignores ignore_eos stops early and looks faster per request: say so
         "short_outputs": sum(r.output_tokens < output_len for r in done) if output_len else 0,
-        "prompt_tokens": prompt, "output_tokens": output,
+        "prompt_tokens": prompt, "output_tokens": output, "cached_prompt_tokens": sum(r.cached_tokens for r in done),
         "request_throughput": len(done) / per, "output_throughput": output / per,
         "total_token_throughput": (prompt + output) / per,
         "ttft_s": distribution([r.ttft_s for r in done if r.ttft_s is not None]),
@@ -303,6 +304,7 @@ async def send_request(session: aiohttp.ClientSession, url: str, headers: dict[s
                     result.usage_reported = True
                     result.prompt_tokens = usage.get("prompt_tokens") or result.prompt_tokens
                     result.output_tokens = usage.get("completion_tokens") or 0
+                    result.cached_tokens = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
                 if _carries_text(chunk):
                     if result.ttft_s is None:
                         result.ttft_s = now - start
@@ -400,6 +402,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("output tokens/s", [f"{x['output_throughput']:.1f}" for x in s]),
         ("total tokens/s", [f"{x['total_token_throughput']:.1f}" for x in s]),
     ]
+    if any(x["cached_prompt_tokens"] for x in s):  # prefix-cache hits the server reported
+        rows.append(("cached / prompt tokens", [f"{x['cached_prompt_tokens']} / {x['prompt_tokens']}" for x in s]))
     for key, label in (("ttft_s", "TTFT"), ("itl_s", "ITL"), ("tpot_s", "TPOT"), ("e2e_latency_s", "E2E")):
         for stat in ("mean", "p50", "p90", "p99"):
             rows.append((f"{label} {stat} (ms)", [f"{x[key][stat] * 1000:.1f}" for x in s]))

@@ -30,11 +30,29 @@ class ServerConfig:
     replica_wait_s: float = 30.0
     # SIGTERM: in-flight requests get this long to finish before the daemon exits
     drain_timeout_s: float = 30.0
+    # auth (daemon/auth.py); prefer key files readable only by the service user
+    api_keys: tuple[str, ...] = ()  # none (and no file, no $NIMBUS_API_KEY): everything but /admin is open
+    api_key_files: tuple[str, ...] = ()
+    admin_keys: tuple[str, ...] = ()  # none (and no file, no $NIMBUS_ADMIN_KEY): the admin API answers 403
+    admin_key_files: tuple[str, ...] = ()
+    metrics_public: bool = False  # /metrics without a key
+    # slow, idle and too many clients (daemon/httpserver.py)
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 60.0
+    keepalive_timeout_s: float = 75.0
+    max_connections: int = 1024
+    backlog: int = 512
 
     def __post_init__(self) -> None:
-        _positive(self, "port", "max_body_bytes", "max_waiting_requests")
+        _positive(self, "port", "max_body_bytes", "max_waiting_requests", "header_timeout_s", "body_timeout_s",
+                  "keepalive_timeout_s", "max_connections", "backlog", "drain_timeout_s")
         if not 0 < self.port < 65536:
             raise ConfigError(f"server.port {self.port} is not a TCP port")
+        for name in ("api_keys", "api_key_files", "admin_keys", "admin_key_files"):
+            value = getattr(self, name)
+            if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+                raise ConfigError(f"server.{name} must be a list of strings")
+            object.__setattr__(self, name, tuple(value))
 
 
 @dataclass(frozen=True, slots=True)

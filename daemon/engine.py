@@ -105,7 +105,10 @@ class Engine:
                 self.counters["bad_frames"] += 1
                 log.warning("bad frame from %r: %s", identity[:64], exc)
                 continue
-            self._dispatch(identity, msg)
+            try:
+                self._dispatch(identity, msg)
+            except Exception:  # a bug handling one message must not stop the daemon hearing its workers
+                log.exception("error handling %s from %r", type(msg).__name__, identity[:64])
 
     def _dispatch(self, identity: bytes, msg: object) -> None:
         if isinstance(msg, Heartbeat):
@@ -149,13 +152,20 @@ class Engine:
             with contextlib.suppress(zmq.ZMQError):
                 self.endpoint.send(identity, Error(code="wrong_model", message=f"this daemon serves {self.model_path}"))
             return
+        try:
+            replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations))
+        except ValueError as exc:  # a KV pool or context length the scheduler cannot use: refuse it, keep serving
+            log.warning("worker %s: unusable Hello: %s", hello.worker_id, exc)
+            with contextlib.suppress(zmq.ZMQError):
+                self.endpoint.send(identity, Error(code="bad_hello", message=str(exc)))
+            return
         old = self.replicas.get(hello.worker_id)
-        replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations))
         self.replicas[hello.worker_id] = replica
         if old is not None and old.alive:  # it came back (new process, or lost its lease): its old state is gone
             self._fail_replica(old, "registered again", kill=False)
-        self.endpoint.send(identity, Welcome(worker_id=hello.worker_id, incarnation=replica.incarnation,
-                                             epoch=self.epoch, heartbeat_interval=self.health.heartbeat_interval_s))
+        with contextlib.suppress(zmq.ZMQError):  # gone already: its heartbeats stop, and it is failed then
+            self.endpoint.send(identity, Welcome(worker_id=hello.worker_id, incarnation=replica.incarnation,
+                                                 epoch=self.epoch, heartbeat_interval=self.health.heartbeat_interval_s))
         replica.task = asyncio.get_running_loop().create_task(replica.run(self._on_step_error),
                                                               name=f"replica-{hello.worker_id}")
         log.info("worker %s registered as incarnation %d (pid %d on %s, %s, %d blocks of %d, max len %d)",
@@ -168,7 +178,10 @@ class Engine:
     async def health_loop(self) -> None:
         while True:
             await asyncio.sleep(self.health.check_interval_s)
-            self.check_health(time.monotonic())
+            try:
+                self.check_health(time.monotonic())
+            except Exception:  # keep watching: one bad check must not end failure detection for good
+                log.exception("health check failed")
 
     def check_health(self, now: float) -> None:
         for replica in self.live():
@@ -201,6 +214,12 @@ class Engine:
         self._reassign(tracks)
 
     def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
+        if isinstance(exc, zmq.ZMQError):
+            # The step never reached the worker (EHOSTUNREACH: it is gone): that says nothing about these
+            # sequences, so nobody is blamed (fail() blames the step in flight) and they move elsewhere.
+            replica.in_flight = None
+            self._fail_replica(replica, f"unreachable: {exc}")
+            return
         # The worker answered but the step failed (it reset itself): recompute everything it held,
         # blaming the sequences of this step.
         log.error("worker %s: step %d failed: %s", replica.worker_id, plan.step.step_id, exc)

@@ -12,7 +12,15 @@ from typing import Any
 MAX_N = 16
 MAX_STOPS = 4
 MAX_TOP_LOGPROBS = 20
+# a Step carries logit_bias and stop_token_ids as msgpack maps/arrays, which the wire caps at MAX_ITEMS
+# entries: far lower caps keep every accepted request encodable (and cheap) whatever the vocabulary size
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 1024
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+# chat_template_kwargs may not override what the server itself passes to the template
+RESERVED_TEMPLATE_KWARGS = frozenset({"self", "messages", "add_generation_prompt"})
+# OpenAI's error `type` by status; any other 4xx is the client's "invalid_request_error"
+_ERROR_TYPES = {401: "authentication_error", 429: "rate_limit_exceeded"}
 
 
 class APIError(Exception):
@@ -22,9 +30,8 @@ class APIError(Exception):
                  type_: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message, self.status, self.param, self.code = message, status, param, code
-        self.type = type_ or {400: "invalid_request_error", 401: "authentication_error",
-                              404: "invalid_request_error", 413: "invalid_request_error",
-                              429: "rate_limit_exceeded"}.get(status, "server_error")
+        default = "invalid_request_error" if status < 500 else "server_error"
+        self.type = type_ or _ERROR_TYPES.get(status, default)
         self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
@@ -61,23 +68,36 @@ class GenerationRequest:
     user: str | None = None
 
 
-def _check(cond: bool, message: str, param: str) -> None:
+def _check(cond: bool, message: str, param: str, code: str = "invalid_value") -> None:
     if not cond:
-        raise APIError(message, param=param, code="invalid_value")
+        raise APIError(message, param=param, code=code)
 
 
-def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any = None) -> Any:
+def _required(body: dict[str, Any], name: str) -> Any:
+    value = body.get(name)
+    if value is None:
+        raise APIError(f"'{name}' is required", param=name, code="missing_required_parameter")
+    return value
+
+
+def _typed(body: dict[str, Any], name: str, kinds: tuple[type, ...], what: str, default: Any = None,
+           param: str | None = None) -> Any:
     value = body.get(name, default)
     if value is None:
         return default
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise APIError(f"'{name}' must be {what}, got {type(value).__name__}", param=name, code="invalid_type")
+        raise APIError(f"'{param or name}' must be {what}, got {type(value).__name__}", param=param or name,
+                       code="invalid_type")
     return value
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    value = float(_typed(body, name, (int, float), "a number", default))
-    ok = (lo < value if lo_open else lo <= value) and value <= hi
+    value = _typed(body, name, (int, float), "a number", default)
+    try:
+        value = float(value)
+    except OverflowError:  # an integer literal too large for a float: out of range whatever the range
+        value = float("inf") if value > 0 else float("-inf")
+    ok = (lo < value if lo_open else lo <= value) and value <= hi  # NaN fails
     bracket = "(" if lo_open else "["
     _check(ok, f"'{name}' must be in {bracket}{lo}, {hi}], got {value}", name)
     return value
@@ -95,8 +115,9 @@ def _stop(body: dict) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    ok = isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)
-    _check(ok, "'stop' must be a non-empty string or a list of non-empty strings", "stop")
+    ok = isinstance(stops, list) and all(isinstance(s, str) for s in stops)
+    _check(ok, "'stop' must be a string or a list of strings", "stop", "invalid_type")
+    _check(all(stops), "'stop' strings must not be empty", "stop")
     _check(len(stops) <= MAX_STOPS, f"'stop' takes at most {MAX_STOPS} strings", "stop")
     return stops
 
@@ -105,12 +126,14 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
     raw = _typed(body, "logit_bias", (dict,), "an object mapping token ids to biases")
     if not raw:
         return None
+    _check(len(raw) <= MAX_LOGIT_BIAS, f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens", "logit_bias")
     out = {}
     for key, value in raw.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise APIError(f"logit_bias key {key!r} is not a token id", param="logit_bias") from None
+            raise APIError(f"logit_bias key {key!r} is not a token id", param="logit_bias",
+                           code="invalid_value") from None
         _check(0 <= token < vocab_size, f"logit_bias token id {token} is outside the vocabulary", "logit_bias")
         ok = isinstance(value, int | float) and not isinstance(value, bool) and -100 <= value <= 100
         _check(ok, f"logit_bias value for {token} must be a number in [-100, 100]", "logit_bias")
@@ -119,11 +142,12 @@ def _logit_bias(body: dict, vocab_size: int) -> dict[int, float] | None:
 
 
 def _prompts(body: dict, vocab_size: int) -> list[str | list[int]]:
-    prompt = body.get("prompt")
+    prompt = _required(body, "prompt")
     if isinstance(prompt, str):
         return [prompt]
-    ok = isinstance(prompt, list) and len(prompt) > 0
-    _check(ok, "'prompt' must be a string, a list of strings, or token ids", "prompt")
+    _check(isinstance(prompt, list), "'prompt' must be a string, a list of strings, or token ids", "prompt",
+           "invalid_type")
+    _check(len(prompt) > 0, "'prompt' must not be an empty list", "prompt")
     def is_ids(x: Any) -> bool:
         return isinstance(x, list) and len(x) > 0 and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
 
@@ -148,17 +172,36 @@ def _content_ok(content: Any) -> bool:
 
 
 def _messages(body: dict) -> list[dict[str, Any]]:
-    messages = body.get("messages")
-    _check(isinstance(messages, list) and len(messages) > 0, "'messages' must be a non-empty list", "messages")
+    messages = _required(body, "messages")
+    _check(isinstance(messages, list), "'messages' must be a list of messages", "messages", "invalid_type")
+    _check(len(messages) > 0, "'messages' must not be empty", "messages")
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        _check(isinstance(m, dict), f"{where} must be an object", where)
-        _check(m.get("role") in CHAT_ROLES, f"{where}.role must be one of {sorted(CHAT_ROLES)}", f"{where}.role")
+        _check(isinstance(m, dict), f"{where} must be an object", where, "invalid_type")
+        role = _typed(m, "role", (str,), "a string", param=f"{where}.role")
+        _check(role in CHAT_ROLES, f"{where}.role must be one of {sorted(CHAT_ROLES)}", f"{where}.role")
         _check(_content_ok(m.get("content")), f"{where}.content must be a string or a list of content parts",
-               f"{where}.content")
+               f"{where}.content", "invalid_type")
         if m.get("content") is None:
-            _check(m["role"] == "assistant", f"{where}.content is required", f"{where}.content")
+            _check(role == "assistant", f"{where}.content is required", f"{where}.content")
     return messages
+
+
+def _template_kwargs(body: dict) -> dict[str, Any]:
+    kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object", {})
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    _check(not reserved, f"'chat_template_kwargs' may not set {', '.join(reserved)}", "chat_template_kwargs")
+    tools = body.get("tools")
+    return {**kwargs, **({"tools": tools} if tools else {})}
+
+
+def _stop_token_ids(body: dict, vocab_size: int) -> list[int]:
+    ids = _typed(body, "stop_token_ids", (list,), "a list of token ids", [])
+    _check(len(ids) <= MAX_STOP_TOKEN_IDS, f"'stop_token_ids' takes at most {MAX_STOP_TOKEN_IDS} ids",
+           "stop_token_ids")
+    _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in ids),
+           "'stop_token_ids' must be token ids in the vocabulary", "stop_token_ids")
+    return ids
 
 
 def _unsupported(body: dict) -> None:
@@ -178,21 +221,21 @@ def parse_generation(body: Any, chat: bool, vocab_size: int) -> GenerationReques
     """Checks a completions (`chat=False`) or chat completions body; raises APIError on anything wrong."""
     if not isinstance(body, dict):
         raise APIError("the request body must be a JSON object", code="invalid_type")
-    model = body.get("model")
-    _check(isinstance(model, str) and bool(model), "'model' is required and must be a string", "model")
+    _required(body, "model")
+    model = _typed(body, "model", (str,), "a string")
+    _check(bool(model), "'model' must not be empty", "model")
     _unsupported(body)
     req = GenerationRequest(chat=chat, model=model)
     if chat:
         req.messages = _messages(body)
-        kwargs = _typed(body, "chat_template_kwargs", (dict,), "an object", {})
-        tools = body.get("tools")
-        req.chat_template_kwargs = {**kwargs, **({"tools": tools} if tools else {})}
+        req.chat_template_kwargs = _template_kwargs(body)
         max_tokens = _integer(body, "max_completion_tokens", None, 1, 2**31 - 1)
         req.max_tokens = max_tokens if max_tokens is not None else _integer(body, "max_tokens", None, 1, 2**31 - 1)
+        top_logprobs = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
         if _typed(body, "logprobs", (bool,), "a boolean", False):
-            req.logprobs = _integer(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS)
+            req.logprobs = top_logprobs or 0
         else:
-            _check(body.get("top_logprobs") is None, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            _check(top_logprobs is None, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     else:
         req.prompts = _prompts(body, vocab_size)
         req.max_tokens = _integer(body, "max_tokens", 16, 1, 2**31 - 1)
@@ -202,12 +245,10 @@ def parse_generation(body: Any, chat: bool, vocab_size: int) -> GenerationReques
     options = _typed(body, "stream_options", (dict,), "an object", None)
     if options is not None:
         _check(req.stream, "'stream_options' is only allowed with 'stream': true", "stream_options")
-        req.include_usage = _typed(options, "include_usage", (bool,), "a boolean", False)
+        req.include_usage = _typed(options, "include_usage", (bool,), "a boolean", False,
+                                   param="stream_options.include_usage")
     req.stop = _stop(body)
-    stop_ids = _typed(body, "stop_token_ids", (list,), "a list of token ids", [])
-    _check(all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in stop_ids),
-           "'stop_token_ids' must be token ids in the vocabulary", "stop_token_ids")
-    req.stop_token_ids = stop_ids
+    req.stop_token_ids = _stop_token_ids(body, vocab_size)
     req.temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     req.top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     top_k = _integer(body, "top_k", 0, -1, 2**31 - 1)

@@ -21,8 +21,10 @@ from aiohttp import web
 
 from daemon import systemd
 from daemon.api import ApiState, make_app
-from daemon.config import NimbusConfig, load_config
+from daemon.auth import auth_middleware, load_keys
+from daemon.config import ConfigError, NimbusConfig, ServerConfig, load_config
 from daemon.engine import Engine, HealthConfig
+from daemon.httpserver import HttpLimits, start_http
 from daemon.models import resolve_model
 from daemon.supervisor import LocalWorkers
 from daemon.tokenizer import Tokenizer
@@ -62,6 +64,16 @@ async def adopt_running_workers(engine: Engine, wait_s: float) -> dict[str, int]
     return {r.worker_id: r.hello.pid for r in engine.live()}
 
 
+def http_auth(server: ServerConfig):
+    try:
+        api = load_keys(server.api_keys, server.api_key_files, env_var="NIMBUS_API_KEY")
+        admin = load_keys(server.admin_keys, server.admin_key_files, env_var="NIMBUS_ADMIN_KEY")
+        public = frozenset({"/health", "/ready", *(["/metrics"] if server.metrics_public else [])})
+        return auth_middleware(api, admin, public)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 async def notify_ready(engine: Engine, status: str) -> None:
     """READY=1 to systemd once a worker has registered; started after the HTTP site listens."""
     while not await engine.wait_ready(60.0):
@@ -71,6 +83,7 @@ async def notify_ready(engine: Engine, status: str) -> None:
 
 async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None = None) -> None:
     served = config.model.served_model_name or folder.name
+    auth = http_auth(config.server)  # bad keys fail before any socket is bound
     tokenizer = Tokenizer.from_folder(folder)
     ctx = zmq.asyncio.Context()
     endpoint = RouterEndpoint(ctx)
@@ -92,9 +105,10 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
             systemd.watchdog_loop(interval, lambda: not any(t.done() for t in loops)), name="sd-watchdog"))
     state = ApiState(engine, tokenizer, served, config.server.max_waiting_requests, config.server.replica_wait_s,
                      supervisor=workers)
-    runner = web.AppRunner(make_app(state, config.server.max_body_bytes), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, config.server.host, config.server.port)
+    app = make_app(state, config.server.max_body_bytes, auth)
+    s = config.server
+    limits = HttpLimits(s.header_timeout_s, s.body_timeout_s, s.keepalive_timeout_s, s.max_connections, s.backlog)
+    runner: web.AppRunner | None = None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -105,7 +119,7 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
             adopted = await adopt_running_workers(engine, 2 * config.workers.heartbeat_interval_s + 1.0)
         systemd.notify("STATUS=starting workers")
         await workers.start(adopted)
-        await site.start()
+        runner = await start_http(app, s.host, s.port, limits, access_log=None)
         log.info("serving %s as '%s' on http://%s:%d", folder, served, config.server.host, config.server.port)
         tasks.append(asyncio.create_task(notify_ready(
             engine, f"serving '{served}' on http://{config.server.host}:{config.server.port}"), name="sd-ready"))
@@ -116,8 +130,10 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
         if not await engine.drain(config.server.drain_timeout_s):
             log.warning("drain deadline passed with %d requests unfinished", engine.num_active())
     finally:
+        workers.stopping = True  # workers exiting now are not to be restarted
         engine.shutdown_workers()
-        await runner.cleanup()
+        if runner is not None:
+            await runner.cleanup()
         await workers.stop()
         for task in tasks:
             task.cancel()

@@ -173,11 +173,11 @@ class LocalWorkers:
             slot.restarts += 1
             await self._spawn(slot)
 
-    def kill(self, worker_id: str, pid: int) -> None:
+    def kill(self, worker_id: str, pid: int, reason: str) -> None:
         """Kill a worker declared dead (hung, silent); its watcher then restarts it."""
         slot = self.slots.get(worker_id)
         if slot is not None and slot.pid == pid:
-            log.warning("killing worker %s (pid %d)", worker_id, pid)
+            log.warning("killing worker %s (pid %d): %s", worker_id, pid, reason)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 

@@ -47,7 +47,8 @@ class RouterEndpoint:
 
     def send(self, identity: bytes, msg: Message) -> None:
         """Queue a message for a worker; raises zmq.ZMQError (EHOSTUNREACH) if it is not connected."""
-        self.sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+        # zmq.asyncio returns a future even with NOBLOCK; it is already done, and holds any error
+        self.sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()
 
     def close(self) -> None:
         self.sock.close(linger=0)

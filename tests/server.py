@@ -14,6 +14,21 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+ADMIN_KEY = "test-admin-key-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
+
+
+def with_setting(config: str, section: str, line: str) -> str:
+    """Adds `line` to [section] of a TOML text (creating the section), unless that key is already set."""
+    key = line.split("=", 1)[0].strip()
+    header = f"[{section}]"
+    if header not in config:
+        return f"{config}\n{header}\n{line}\n"
+    head, _, rest = config.partition(header)
+    body, nxt, tail = rest.partition("\n[")
+    if any(ln.split("=", 1)[0].strip() == key for ln in body.splitlines()):
+        return config
+    return f"{head}{header}\n{line}{body}{nxt}{tail}"
 
 
 def free_port() -> int:
@@ -24,8 +39,8 @@ def free_port() -> int:
 
 class NimbusServer:
     def __init__(self, model: str | Path, workers: int = 1, config: str = "", tmp: Path | None = None,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0) -> None:
-        self.port = free_port()
+                 extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.model = str(model)
         self.workers = workers
         self.config_text = config
@@ -42,9 +57,9 @@ class NimbusServer:
     def start(self) -> NimbusServer:
         assert self.tmp is not None
         cfg = self.tmp / f"nimbus-{self.port}.toml"
-        cfg.write_text(self.config_text + f'\n[workers]\nruntime_dir = "{self.tmp}/run"\n'
-                       if "[workers]" not in self.config_text else self.config_text)
-        self.log_path = self.tmp / f"serve-{self.port}.log"
+        text = with_setting(self.config_text, "workers", f'runtime_dir = "{self.tmp}/run"')
+        cfg.write_text(with_setting(text, "server", f'admin_keys = ["{ADMIN_KEY}"]'))
+        self.log_path = self.tmp / f"serve-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "daemon.cli", "serve", self.model, "--port", str(self.port),
                "--workers", str(self.workers), "--config", str(cfg), *self.extra_args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_path.open("w"), stderr=subprocess.STDOUT,
@@ -53,13 +68,25 @@ class NimbusServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nimbus serve exited with {self.proc.returncode}:\n{self.log()}")
-            with contextlib.suppress(httpx.HTTPError):
-                r = httpx.get(self.url + "/ready", timeout=2)
-                if r.status_code == 200 and r.json()["replicas"] >= self.workers:
-                    return self
+            if self.ready():
+                return self
             time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"nimbus serve not ready in {self.startup_timeout}s:\n{self.log()}")
+
+    def ready(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            r = httpx.get(self.url + "/ready", timeout=2)
+            return r.status_code == 200 and r.json()["replicas"] >= self.workers
+        return False
+
+    def admin(self, path: str = "/admin/workers") -> dict:
+        r = httpx.get(self.url + path, headers=ADMIN, timeout=5)
+        r.raise_for_status()
+        return r.json()
+
+    def workers_info(self) -> dict[str, dict]:
+        return {w["id"]: w for w in self.admin()["workers"]}
 
     def log(self) -> str:
         return self.log_path.read_text()[-5000:] if self.log_path and self.log_path.exists() else ""

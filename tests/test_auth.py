@@ -159,6 +159,12 @@ def test_encoded_admin_paths_are_authorised_as_the_admin_route_they_reach(server
     assert server.get(target, ADMIN_KEY)[0] == 200
 
 
+def test_an_encoded_slash_into_admin_is_held_to_the_admin_rule(server):
+    assert server.get("/admin%2Fworkers")[0] == 401
+    assert server.get("/admin%2Fworkers", API_KEY)[0] == 403
+    assert server.get("/admin%2Fworkers", ADMIN_KEY)[0] == 404  # aiohttp does not route it to /admin/workers
+
+
 def test_every_key_is_compared_in_constant_time(server, monkeypatch):
     calls = []
 

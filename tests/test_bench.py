@@ -90,8 +90,9 @@ class FakeServer:
             choice = {"index": 0, "delta": {"content": " w"}} if chat else {"index": 0, "text": " w"}
             await resp.write(_event({"choices": [{**choice, "finish_reason": finish}], "usage": None}))
         if self.usage:
-            await resp.write(_event({"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": n,
-                                                               "total_tokens": 7 + n}}))
+            usage = {"prompt_tokens": 7, "completion_tokens": n, "total_tokens": 7 + n,
+                     "prompt_tokens_details": {"cached_tokens": 3}}
+            await resp.write(_event({"choices": [], "usage": usage}))
         await resp.write(b"data: [DONE]\n\n")
         return resp
 
@@ -195,6 +196,7 @@ def test_burst_measures_ttft_itl_and_throughput():
     duration = TTFT + 19 * ITL
     assert s["output_throughput"] == pytest.approx(8 * 20 / duration, rel=0.2)
     assert s["output_tokens"] == 160 and s["prompt_tokens"] == 8 * 7  # from the usage chunk
+    assert s["cached_prompt_tokens"] == 8 * 3
     assert s["short_outputs"] == 0
     rows = report["runs"][0]["requests"]
     assert all(len(r["itl_s"]) == 19 and r["usage_reported"] for r in rows)

@@ -204,7 +204,7 @@ def test_disconnect_frees_the_sequence(server, model):
                 break
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        workers = httpx.get(server.url + "/admin/workers").json()["workers"]
+        workers = server.admin()["workers"]
         if all(w["running"] == 0 and w["waiting"] == 0 for w in workers):
             return
         time.sleep(0.2)
