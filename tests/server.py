@@ -39,7 +39,9 @@ def free_port() -> int:
 
 class NimbusServer:
     def __init__(self, model: str | Path, workers: int = 1, config: str = "", tmp: Path | None = None,
-                 extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0, port: int | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), startup_timeout: float = 120.0, port: int | None = None,
+                 wait_ready: bool = True) -> None:
+        self.wait_ready = wait_ready  # False: return once HTTP answers, workers or not
         self.port = port or free_port()
         self.model = str(model)
         self.workers = workers
@@ -68,11 +70,16 @@ class NimbusServer:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"nimbus serve exited with {self.proc.returncode}:\n{self.log()}")
-            if self.ready():
+            if self.ready() if self.wait_ready else self.alive():
                 return self
             time.sleep(0.3)
         self.stop()
         raise TimeoutError(f"nimbus serve not ready in {self.startup_timeout}s:\n{self.log()}")
+
+    def alive(self) -> bool:
+        with contextlib.suppress(httpx.HTTPError):
+            return httpx.get(self.url + "/health", timeout=2).status_code == 200
+        return False
 
     def ready(self) -> bool:
         with contextlib.suppress(httpx.HTTPError, ValueError):

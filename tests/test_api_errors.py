@@ -8,10 +8,8 @@ import asyncio
 import json
 import os
 import re
-import shutil
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import httpx
 import msgpack
@@ -19,9 +17,8 @@ import openai
 import pytest
 import zmq
 from server import NimbusServer
-from tiny_models import TINY, randomize_extras
+from tiny_models import make_tiny_smollm2
 
-from daemon.models import pull
 from protocol.messages import Error, Hello, decode, encode
 
 VOCAB = 49152  # SmolLM2's tokenizer
@@ -49,23 +46,6 @@ BASE = {
     COMPLETIONS: {"prompt": "Hello", "max_tokens": 2},
     CHAT: {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
 }
-
-
-def make_tiny_smollm2(folder: Path) -> Path:
-    """A random-weight 2-layer Llama that loads in a blink, with SmolLM2's real tokenizer and chat template."""
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig(**{**TINY, "vocab_size": VOCAB, "tie_word_embeddings": True})
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    randomize_extras(model)
-    model.save_pretrained(folder)
-    source = pull()
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
-        if (source / name).exists():
-            shutil.copy(source / name, folder / name)
-    return folder
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -54,3 +55,25 @@ def randomize_extras(model) -> None:
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.copy_(torch.randn_like(p) * 0.1 + (1.0 if "norm" in name else 0.0))
+
+
+SMOLLM2_VOCAB = 49152
+
+
+def make_tiny_smollm2(folder: Path) -> Path:
+    """A random-weight 2-layer Llama that loads in a blink, with SmolLM2's real tokenizer and chat template."""
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**{**TINY, "vocab_size": SMOLLM2_VOCAB, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    randomize_extras(model)
+    model.save_pretrained(folder)
+    from daemon.models import pull
+
+    source = pull()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
+        if (source / name).exists():
+            shutil.copy(source / name, folder / name)
+    return folder
