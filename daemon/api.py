@@ -18,7 +18,8 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from daemon.engine import Engine
-from daemon.replica import Delta, RequestStream
+from daemon.metrics import CONTENT_TYPE, Metrics
+from daemon.replica import Delta, RequestStream, Track
 from daemon.requests import APIError, GenerationRequest, parse_generation
 from daemon.scheduler import Sequence
 from daemon.supervisor import LocalWorkers
@@ -38,15 +39,21 @@ class ApiState:
     max_waiting_requests: int = 512
     replica_wait_s: float = 30.0
     supervisor: LocalWorkers | None = None
+    metrics: Metrics | None = None
+    log_prompts: bool = False  # put prompt and output text in the request log (off: they may be private)
     draining: bool = False
 
 
 STATE = web.AppKey("state", ApiState)
+REQUEST_ID = "request_id"
+request_log = logging.getLogger("nimbus.request")
 
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turns every failure into OpenAI's error shape; nothing a client sends escapes as a 500 traceback."""
+    supplied = request.headers.get("x-request-id", "")
+    request[REQUEST_ID] = supplied if 0 < len(supplied) <= 128 and supplied.isprintable() else uuid.uuid4().hex
     try:
         return await handler(request)
     except APIError as exc:
@@ -73,13 +80,27 @@ def make_app(state: ApiState, max_body_bytes: int = 4 * 1024 * 1024, auth: Middl
     middlewares = [errors_middleware] if auth is None else [auth, errors_middleware]
     app = web.Application(client_max_size=max_body_bytes, middlewares=middlewares)
     app[STATE] = state
+    app.on_response_prepare.append(_echo_request_id)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
     app.router.add_get("/health", health)
     app.router.add_get("/ready", ready)
     app.router.add_get("/admin/workers", admin_workers)
+    app.router.add_get("/metrics", metrics)
     return app
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    if REQUEST_ID in request:
+        response.headers["x-request-id"] = request[REQUEST_ID]
+
+
+async def metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if state.metrics is None:
+        raise APIError("metrics are disabled", status=404, code="not_found")
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def health(request: web.Request) -> web.Response:
@@ -195,6 +216,37 @@ def _sequence(req: GenerationRequest, prompt: list[int], max_tokens: int, tok: T
 
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     state = request.app[STATE]
+    arrival = time.monotonic()
+    try:
+        req, prompts, max_tokens = await _admit(request, state, chat)
+    except APIError as exc:
+        if state.metrics is not None:  # refused before admission: bad input, full queue, draining, no worker
+            state.metrics.requests.labels(state.served_model_name, "", "rejected").inc()
+        raise exc from None
+    total = len(prompts) * req.n
+    stream = RequestStream(total)
+    tracks: list[Track] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            for j in range(req.n):
+                seq = _sequence(req, prompt, max_tokens, state.tokenizer, j, state.engine.new_seq_id())
+                tracks.append(state.engine.submit(stream, prompt, seq, req.stop, i * req.n + j, arrival))
+        if state.metrics is not None:
+            state.metrics.prompt_tokens.labels(state.served_model_name, tracks[0].version).inc(
+                sum(len(p) for p in prompts))
+        response = Response(req, state, prompts, [t.seq for t in tracks])
+        if req.stream:
+            return await response.stream(request, stream)
+        return await response.collect(stream)
+    finally:
+        for track in tracks:  # a client that left (or an error) frees its sequences at the next step
+            if track.seq.finish_reason is None:
+                state.engine.abort(track.seq.seq_id)
+        _account(request, state, req, prompts, tracks, stream, arrival)
+
+
+async def _admit(request: web.Request, state: ApiState, chat: bool) -> tuple[GenerationRequest, list[list[int]], int]:
+    """Validate, tokenize and admit, or raise APIError: nothing is queued before this returns."""
     if state.draining:
         raise APIError("the server is shutting down", status=503, code="draining", headers={"Retry-After": "5"})
     req = parse_generation(await _read_json(request), chat, state.tokenizer.vocab_size)
@@ -213,22 +265,45 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if state.engine.num_waiting() + total > state.max_waiting_requests:
         raise APIError("too many requests waiting; retry shortly", status=429, code="queue_full",
                        headers={"Retry-After": "1"})
-    stream = RequestStream(total)
-    seqs: list[Sequence] = []
-    try:
-        for i, prompt in enumerate(prompts):
-            for j in range(req.n):
-                seq = _sequence(req, prompt, max_tokens, state.tokenizer, j, state.engine.new_seq_id())
-                seqs.append(seq)
-                state.engine.submit(stream, prompt, seq, req.stop, i * req.n + j)
-        response = Response(req, state, prompts, seqs)
-        if req.stream:
-            return await response.stream(request, stream)
-        return await response.collect(stream)
-    finally:
-        for seq in seqs:  # a client that left (or an error) frees its sequences at the next step
-            if seq.finish_reason is None:
-                state.engine.abort(seq.seq_id)
+    return req, prompts, max_tokens
+
+
+def _final_reason(track: Track, stream: RequestStream) -> str:
+    reason = track.seq.finish_reason
+    if reason == "stop" and track.stops is not None and track.stops.matched_stop is not None:
+        return "stop_string"
+    if stream.error is not None and reason in (None, "abort"):
+        return "error"
+    return reason or "abort"
+
+
+def _account(request: web.Request, state: ApiState, req: GenerationRequest, prompts: list[list[int]],
+             tracks: list[Track], stream: RequestStream, arrival: float) -> None:
+    """Final status counters and the one structured log line of a finished request."""
+    reasons = [_final_reason(t, stream) for t in tracks]
+    if state.metrics is not None:
+        for track, reason in zip(tracks, reasons):
+            state.metrics.finished(state.served_model_name, track.version, reason)
+    first = tracks[0] if tracks else None
+
+    def since(t: float | None) -> float | None:
+        return None if t is None else round(t - arrival, 4)
+
+    fields = {
+        "request_id": request[REQUEST_ID], "deployment": state.served_model_name,
+        "version": first.version if first else "", "worker": first.worker_id if first else "",
+        "status": reasons[0] if len(set(reasons)) == 1 else ",".join(reasons),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "output_tokens": sum(len(t.seq.output_token_ids) for t in tracks),
+        "cached_tokens": sum(t.seq.num_cached_tokens for t in tracks[:: req.n]),
+        "queue_time_s": since(first.first_scheduled if first else None),
+        "ttft_s": since(first.first_token if first else None),
+        "total_time_s": round(time.monotonic() - arrival, 4),
+    }
+    if state.log_prompts:
+        fields["prompt"] = req.messages if req.chat else req.prompts
+        fields["output"] = [state.tokenizer.decode(t.seq.output_token_ids) for t in tracks]
+    request_log.info("request finished", extra={"fields": fields})
 
 
 class Response:

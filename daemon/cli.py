@@ -27,6 +27,7 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None, help="local worker processes to start")
     p.add_argument("--config", default=None, help="TOML configuration file")
     p.add_argument("--served-model-name", default=None, help="name clients send as `model`")
+    p.add_argument("--log-format", choices=("json", "text"), default=None, help="log lines as JSON (default) or text")
 
 
 def _add_worker(p: argparse.ArgumentParser) -> None:
@@ -45,6 +46,7 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
                    help="seconds without the daemon's heartbeat echo before dropping work and registering again")
     p.add_argument("--orphan-timeout", type=float, default=600.0,
                    help="seconds without any daemon before exiting")
+    p.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines as JSON or text")
     p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # fault injection for tests (worker/faults.py)
 
 

@@ -30,6 +30,9 @@ class ServerConfig:
     replica_wait_s: float = 30.0
     # SIGTERM: in-flight requests get this long to finish before the daemon exits
     drain_timeout_s: float = 30.0
+    log_format: str = "json"  # or "text"
+    log_level: str = "INFO"
+    log_prompts: bool = False  # prompt and output text in the request log: off, they may be private
     # auth (daemon/auth.py); prefer key files readable only by the service user
     api_keys: tuple[str, ...] = ()  # none (and no file, no $NIMBUS_API_KEY): everything but /admin is open
     api_key_files: tuple[str, ...] = ()

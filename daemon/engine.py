@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import zmq
 
+from daemon.metrics import Metrics
 from daemon.replica import Replica, RequestStream, Track
 from daemon.scheduler import SchedulerConfig, Sequence, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
@@ -57,8 +58,11 @@ class Orphan:
 class Engine:
     def __init__(self, endpoint: RouterEndpoint, model_path: str, tokenizer: Tokenizer,
                  scheduler_config: SchedulerConfig, health: HealthConfig | None = None,
-                 max_model_len: int | None = None) -> None:
+                 max_model_len: int | None = None, deployment: str = "", metrics: Metrics | None = None) -> None:
         self.endpoint = endpoint
+        self.deployment = deployment or model_path
+        self.metrics = metrics
+        self._retired_prefix: dict[str, tuple[int, int]] = {}  # prefix-cache counts of replicas gone
         self.model_path = model_path
         self.tokenizer = tokenizer
         self.scheduler_config = scheduler_config
@@ -88,6 +92,14 @@ class Engine:
         lens = [r.scheduler.max_seq_len for r in self.live()]
         cap = min(lens) if lens else 0
         return min(cap, self.max_model_len_cap) if self.max_model_len_cap else cap
+
+    def prefix_totals(self) -> dict[str, tuple[int, int]]:
+        """Prompt tokens looked up and found in each worker's prefix cache, over all its lives."""
+        totals = dict(self._retired_prefix)
+        for r in self.live():
+            q, h = totals.get(r.worker_id, (0, 0))
+            totals[r.worker_id] = (q + r.scheduler.blocks.prefix_queries, h + r.scheduler.blocks.prefix_hits)
+        return totals
 
     def num_waiting(self) -> int:
         return sum(r.scheduler.num_waiting for r in self.live()) + len(self.orphans)
@@ -153,7 +165,8 @@ class Engine:
                 self.endpoint.send(identity, Error(code="wrong_model", message=f"this daemon serves {self.model_path}"))
             return
         try:
-            replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations))
+            replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations),
+                          self.metrics, self.deployment)
         except ValueError as exc:  # a KV pool or context length the scheduler cannot use: refuse it, keep serving
             log.warning("worker %s: unusable Hello: %s", hello.worker_id, exc)
             with contextlib.suppress(zmq.ZMQError):
@@ -208,6 +221,9 @@ class Engine:
         log.error("worker %s (incarnation %d) is dead: %s; moving its %d sequences", replica.worker_id,
                   replica.incarnation, reason, len(replica.tracks))
         self.counters["worker_deaths"] += 1
+        q, h = self._retired_prefix.get(replica.worker_id, (0, 0))
+        blocks = replica.scheduler.blocks
+        self._retired_prefix[replica.worker_id] = (q + blocks.prefix_queries, h + blocks.prefix_hits)
         tracks = replica.fail(reason)
         if kill and self.on_dead is not None:
             self.on_dead(replica.worker_id, replica.hello.pid, reason)
@@ -276,12 +292,14 @@ class Engine:
         return least
 
     def submit(self, stream: RequestStream, prompt: list[int], seq: Sequence, stops: list[str],
-               index: int) -> Replica:
+               index: int, created: float | None = None) -> Track:
         """Queue one sequence (one choice of one prompt) on the best replica, feeding `stream`."""
         replica = self.pick_replica(prompt)
         detok = IncrementalDetokenizer(self.tokenizer, prompt)
-        replica.add(Track(seq, index, stream, detok, StopMatcher(stops) if stops else None))
-        return replica
+        track = Track(seq, index, stream, detok, StopMatcher(stops) if stops else None,
+                      created=created if created is not None else time.monotonic())
+        replica.add(track)
+        return track
 
     def new_seq_id(self) -> int:
         return next(self._seq_ids)

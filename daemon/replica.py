@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
+from daemon.metrics import Metrics
 from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher
 from protocol.messages import Error, Hello, StepResult
@@ -76,6 +77,12 @@ class Track:
     detok: IncrementalDetokenizer
     stops: StopMatcher | None
     failures: int = 0  # worker deaths or failed steps while this sequence was in the step
+    created: float = field(default_factory=time.monotonic)  # the request's arrival
+    first_scheduled: float | None = None
+    first_token: float | None = None
+    last_token: float | None = None
+    worker_id: str = ""  # where its last token came from (for the request log)
+    version: str = ""  # the model version of the replica that holds it
 
 
 class WorkerFailed(Exception):
@@ -91,8 +98,10 @@ class InFlight:
 
 class Replica:
     def __init__(self, hello: Hello, identity: bytes, endpoint: RouterEndpoint, config: SchedulerConfig,
-                 incarnation: int) -> None:
+                 incarnation: int, metrics: Metrics | None = None, deployment: str = "") -> None:
         self.hello = hello
+        self.metrics = metrics
+        self.labels = (deployment, hello.model_version or "default")
         self.identity = identity
         self.endpoint = endpoint
         self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
@@ -106,12 +115,14 @@ class Replica:
         self.alive = True
         self.steps = 0
         self.stale_frames = 0
+        self.in_flight_started = 0.0
 
     @property
     def worker_id(self) -> str:
         return self.hello.worker_id
 
     def add(self, track: Track) -> None:
+        track.version = self.labels[1]
         self.tracks[track.seq.seq_id] = track
         self.scheduler.add(track.seq)
         self.wake.set()
@@ -157,6 +168,7 @@ class Replica:
                 await self.wake.wait()
                 continue
             self.in_flight = InFlight(plan, loop.create_future(), time.monotonic())
+            self._scheduled(plan)
             try:
                 self.endpoint.send(self.identity, plan.step)
                 result = await self.in_flight.future
@@ -169,14 +181,46 @@ class Replica:
             finally:
                 self.in_flight = None
             self.steps += 1
+            if self.metrics is not None:
+                m, wid = self.metrics, self.worker_id
+                m.step.labels(wid).observe(time.monotonic() - self.in_flight_started)
+                m.batch_tokens.labels(wid).observe(plan.num_batched_tokens)
+                if plan.preempted_seq_ids:
+                    m.preemptions.labels(wid).inc(len(plan.preempted_seq_ids))
             for update in updates:
                 self._emit(update)
+
+    def _scheduled(self, plan: StepPlan) -> None:
+        now = self.in_flight_started = time.monotonic()
+        for seq_id in plan.scheduled:
+            track = self.tracks.get(seq_id)
+            if track is not None and track.first_scheduled is None:
+                track.first_scheduled = now
+                if self.metrics is not None:
+                    self.metrics.queue.labels(*self.labels).observe(now - track.created)
+
+    def _observe_tokens(self, track: Track, count: int) -> None:
+        now = time.monotonic()
+        m = self.metrics
+        if m is not None:
+            if track.first_token is None:
+                m.ttft.labels(*self.labels).observe(now - track.created)
+                m.prefill.labels(*self.labels).observe(now - (track.first_scheduled or track.created))
+            elif track.last_token is not None:
+                m.itl.labels(*self.labels).observe(now - track.last_token)
+            m.generation_tokens.labels(*self.labels).inc(count)
+        if track.first_token is None:
+            track.first_token = now
+        track.last_token = now
+        track.worker_id = self.worker_id
 
     def _emit(self, update: SeqUpdate) -> None:
         track = self.tracks.get(update.seq.seq_id)
         if track is None:
             return
         seq = update.seq
+        if update.new_token_ids:
+            self._observe_tokens(track, len(update.new_token_ids))
         text = track.detok.add(update.new_token_ids) if update.new_token_ids else ""
         finish = seq.finish_reason if update.finished else None
         if update.finished:
@@ -195,3 +239,5 @@ class Replica:
         track.stream.put(Delta(track.index, text, list(update.new_token_ids), entries, finish))
         if finish is not None:
             del self.tracks[seq.seq_id]
+            if self.metrics is not None:
+                self.metrics.e2e.labels(*self.labels).observe(time.monotonic() - track.created)

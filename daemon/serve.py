@@ -25,9 +25,11 @@ from daemon.auth import auth_middleware, load_keys
 from daemon.config import ConfigError, NimbusConfig, ServerConfig, load_config
 from daemon.engine import Engine, HealthConfig
 from daemon.httpserver import HttpLimits, start_http
+from daemon.metrics import Metrics
 from daemon.models import resolve_model
 from daemon.supervisor import LocalWorkers
 from daemon.tokenizer import Tokenizer
+from protocol.logs import configure as configure_logging
 from protocol.transport import RouterEndpoint
 
 log = logging.getLogger("nimbus.serve")
@@ -44,7 +46,7 @@ def runtime_dir(configured: str | None) -> Path:
 
 def config_from_args(args: argparse.Namespace) -> NimbusConfig:
     return load_config(args.config, {
-        "server": {"host": args.host, "port": args.port},
+        "server": {"host": args.host, "port": args.port, "log_format": args.log_format},
         "model": {"model": args.model, "served_model_name": args.served_model_name},
         "workers": {"count": args.workers},
     })
@@ -92,11 +94,13 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
     address = endpoint.bind(f"ipc://{socket_path}")
     if config.workers.bind:
         log.info("accepting remote workers on %s", endpoint.bind(config.workers.bind))
+    metrics = Metrics()
     engine = Engine(endpoint, str(folder), tokenizer, config.scheduler, health_config(config),
-                    config.model.max_model_len)
+                    config.model.max_model_len, deployment=served, metrics=metrics)
     workers = LocalWorkers(config.workers, address, str(folder), config.model.max_model_len,
-                           on_exit=engine.worker_exited)
+                           on_exit=engine.worker_exited, log_format=config.server.log_format)
     engine.on_dead = workers.kill
+    metrics.bind(engine, workers.status)
     tasks = [asyncio.create_task(engine.receive_loop(), name="zmq-receive"),
              asyncio.create_task(engine.health_loop(), name="health")]
     if (interval := systemd.watchdog_interval()) is not None:
@@ -104,7 +108,7 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
         tasks.append(asyncio.create_task(
             systemd.watchdog_loop(interval, lambda: not any(t.done() for t in loops)), name="sd-watchdog"))
     state = ApiState(engine, tokenizer, served, config.server.max_waiting_requests, config.server.replica_wait_s,
-                     supervisor=workers)
+                     supervisor=workers, metrics=metrics, log_prompts=config.server.log_prompts)
     app = make_app(state, config.server.max_body_bytes, auth)
     s = config.server
     limits = HttpLimits(s.header_timeout_s, s.body_timeout_s, s.keepalive_timeout_s, s.max_connections, s.backlog)
@@ -143,8 +147,8 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = config_from_args(args)
+    configure_logging(config.server.log_format, config.server.log_level)
     folder = resolve_model(config.model.model, pull=True)
     uvloop.run(serve(config, folder))
     return 0

@@ -93,8 +93,9 @@ class LocalWorkers:
     """Starts, watches and restarts the daemon's own worker processes."""
 
     def __init__(self, config: WorkersConfig, address: str, model: str, max_model_len: int | None,
-                 on_exit: Callable[[str, str], None] | None = None) -> None:
+                 on_exit: Callable[[str, str], None] | None = None, log_format: str = "json") -> None:
         self.config = config
+        self.log_format = log_format
         self.address = address
         self.model = model
         self.max_model_len = max_model_len
@@ -107,7 +108,7 @@ class LocalWorkers:
         cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", self.address, "--model", self.model,
                "--worker-id", spec.worker_id, "--device", spec.device, "--kv-cache-memory", c.kv_cache_memory,
                "--block-size", str(c.block_size), "--lease", str(c.lease_s),
-               "--orphan-timeout", str(c.orphan_timeout_s)]
+               "--orphan-timeout", str(c.orphan_timeout_s), "--log-format", self.log_format]
         if spec.threads:
             cmd += ["--threads", str(spec.threads)]
         if c.dtype:

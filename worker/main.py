@@ -18,6 +18,7 @@ import time
 import torch
 import zmq
 
+from protocol.logs import configure as configure_logging
 from protocol.messages import Drain, Error, Heartbeat, Hello, Load, ProtocolError, Shutdown, Step, Welcome
 from protocol.transport import DealerEndpoint
 from worker.executor import StepError, StepExecutor
@@ -165,7 +166,7 @@ class Worker:
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_format)
     if os.environ.get("NIMBUS_SUPERVISED"):
         # Ctrl-C in a terminal reaches the whole process group; the daemon decides how its workers stop
         signal.signal(signal.SIGINT, signal.SIG_IGN)

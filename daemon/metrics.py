@@ -1,0 +1,116 @@
+"""Prometheus metrics (`/metrics`): one vocabulary, `nimbus_` prefix, units in names, few labels.
+
+Request metrics carry `deployment` and `version` so the arms of an A/B test compare directly; worker
+metrics carry `worker`. Live state (queues, KV usage, workers up) is read at scrape time by a
+collector, so nothing has to keep gauges in sync by hand. The registry is per daemon, not global.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from daemon.engine import Engine
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+REQUEST = ("deployment", "version")
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0,
+                   5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# how a sequence ended -> the `status` label: finished (EOS or stop token), stopped (stop string), ...
+STATUS = {"stop": "finished", "stop_string": "stopped", "length": "length", "abort": "aborted", "error": "error"}
+
+
+# engine.counters key -> (metric name, help)
+ENGINE_COUNTERS = {
+    "failovers": ("nimbus_failovers", "Sequences moved off a failed worker."),
+    "worker_deaths": ("nimbus_worker_deaths", "Workers declared dead (silent, hung, exited)."),
+    "poisoned": ("nimbus_poisoned_requests", "Sequences failed because their steps kept killing workers."),
+    "bad_frames": ("nimbus_bad_frames", "Frames from workers that did not decode."),
+    "stale_frames": ("nimbus_stale_frames", "Frames from an earlier incarnation or for a step not in flight."),
+}
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+
+        def hist(name: str, doc: str, labels: tuple[str, ...], buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, labels, buckets=buckets, registry=r)
+
+        self.ttft = hist("nimbus_time_to_first_token_seconds", "Arrival to first output token.", REQUEST,
+                         LATENCY_BUCKETS)
+        self.itl = hist("nimbus_inter_token_latency_seconds", "Time between consecutive output tokens.", REQUEST,
+                        LATENCY_BUCKETS)
+        self.e2e = hist("nimbus_e2e_request_latency_seconds", "Arrival to the last token of a sequence.", REQUEST,
+                        LATENCY_BUCKETS)
+        self.queue = hist("nimbus_request_queue_time_seconds", "Arrival to first scheduled in a step.", REQUEST,
+                          LATENCY_BUCKETS)
+        self.prefill = hist("nimbus_request_prefill_time_seconds", "First scheduled to first output token.",
+                            REQUEST, LATENCY_BUCKETS)
+        self.step = hist("nimbus_step_duration_seconds", "One step: sent to result applied.", ("worker",),
+                         LATENCY_BUCKETS)
+        self.batch_tokens = hist("nimbus_step_batch_tokens", "Tokens computed in one step.", ("worker",),
+                                 TOKEN_BUCKETS)
+        self.requests = Counter("nimbus_requests", "Sequences (choices) by final status.", (*REQUEST, "status"),
+                                registry=r)
+        self.prompt_tokens = Counter("nimbus_prompt_tokens", "Prompt tokens of admitted requests.", REQUEST,
+                                     registry=r)
+        self.generation_tokens = Counter("nimbus_generation_tokens", "Generated tokens.", REQUEST, registry=r)
+        self.preemptions = Counter("nimbus_preemptions", "Sequences preempted for lack of KV blocks.",
+                                   ("worker",), registry=r)
+
+    def bind(self, engine: Engine, slots: Callable[[], dict[str, dict[str, object]]] | None = None) -> None:
+        self.registry.register(_LiveState(engine, slots))
+
+    def finished(self, deployment: str, version: str, reason: str | None) -> None:
+        self.requests.labels(deployment, version, STATUS.get(reason or "error", "error")).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _LiveState(Collector):
+    """Read at scrape time from the engine: queues, KV usage, prefix cache, workers by state."""
+
+    def __init__(self, engine: Engine, slots: Callable[[], dict[str, dict[str, object]]] | None) -> None:
+        self.engine = engine
+        self.slots = slots
+
+    def collect(self) -> Iterable[Metric]:
+        running = GaugeMetricFamily("nimbus_running_sequences", "Sequences in the running batch.", labels=["worker"])
+        waiting = GaugeMetricFamily("nimbus_waiting_sequences", "Sequences waiting for a slot.", labels=["worker"])
+        kv = GaugeMetricFamily("nimbus_kv_cache_usage_ratio", "Fraction of KV blocks in use.", labels=["worker"])
+        queries = CounterMetricFamily("nimbus_prefix_cache_queries_tokens", "Prompt tokens looked up in the "
+                                      "prefix cache.", labels=["worker"])
+        hits = CounterMetricFamily("nimbus_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.",
+                                   labels=["worker"])
+        states: dict[str, int] = {"up": 0, "dead": 0, "backoff": 0, "crashloop": 0}
+        for replica in self.engine.replicas.values():
+            wid, sched = replica.worker_id, replica.scheduler
+            states["up" if replica.alive else "dead"] += 1
+            if replica.alive:
+                running.add_metric([wid], sched.num_running)
+                waiting.add_metric([wid], sched.num_waiting)
+                kv.add_metric([wid], sched.kv_usage)
+        for wid, (q, h) in self.engine.prefix_totals().items():
+            queries.add_metric([wid], q)
+            hits.add_metric([wid], h)
+        restarts = CounterMetricFamily("nimbus_worker_restarts", "Local worker processes restarted.",
+                                       labels=["worker"])
+        for wid, slot in (self.slots() if self.slots else {}).items():
+            restarts.add_metric([wid], float(slot["restarts"]))  # type: ignore[arg-type]
+            if slot["state"] in ("backoff", "crashloop"):
+                states[str(slot["state"])] += 1
+        workers = GaugeMetricFamily("nimbus_workers", "Workers by state.", labels=["state"])
+        for state, n in states.items():
+            workers.add_metric([state], n)
+        yield from (running, waiting, kv, queries, hits, workers, restarts)
+        for key, (name, doc) in ENGINE_COUNTERS.items():
+            yield CounterMetricFamily(name, doc, value=self.engine.counters[key])
