@@ -225,9 +225,9 @@ class Engine:
         blocks = replica.scheduler.blocks
         self._retired_prefix[replica.worker_id] = (q + blocks.prefix_queries, h + blocks.prefix_hits)
         tracks = replica.fail(reason)
+        self._reassign(tracks)  # first: a failing callback below must not lose these sequences
         if kill and self.on_dead is not None:
             self.on_dead(replica.worker_id, replica.hello.pid, reason)
-        self._reassign(tracks)
 
     def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
         if isinstance(exc, zmq.ZMQError):
@@ -242,6 +242,7 @@ class Engine:
         for seq_id in plan.scheduled:
             if seq_id in replica.tracks:
                 replica.tracks[seq_id].failures += 1
+                replica.tracks[seq_id].seq.suspect = True
         replica.scheduler.requeue_all()
         for track in [t for t in replica.tracks.values() if t.failures >= POISON_FAILURES]:
             replica.abort(track.seq.seq_id)

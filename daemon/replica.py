@@ -151,6 +151,7 @@ class Replica:
             for seq_id in flight.plan.scheduled:
                 if seq_id in self.tracks:
                     self.tracks[seq_id].failures += 1
+                    self.tracks[seq_id].seq.suspect = True
             if not flight.future.done():
                 flight.future.set_exception(WorkerFailed(reason))
         if self.task is not None and self.task is not asyncio.current_task():

@@ -70,6 +70,9 @@ class Sequence:
     num_cached_tokens: int = 0  # prefix-cache hit at the first admission, for usage reporting
     num_preemptions: int = 0  # preemptions and worker losses so far
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    # It was in a step that killed or failed a worker: recompute it alone, until it yields a token, so a
+    # second failure blames it and not the sequences that happened to share its steps.
+    suspect: bool = False
     arrival: int = 0  # set by Scheduler.add: the order of fairness and of preemption
 
     @property
@@ -219,9 +222,16 @@ class Scheduler:
         batch: Batch = {}
         appended: list[BlockAppend] = []
         preempted: list[int] = []
-        budget = self._schedule_running(batch, appended, preempted)
-        # As in vLLM: under block pressure admit nobody, or the preempted would only thrash.
-        new_seqs = [] if preempted else self._admit_waiting(budget, batch)
+        suspect = next((s for s in self.running if s.suspect), None)
+        if suspect is not None:
+            self._schedule_running(batch, appended, preempted, only=suspect)
+            new_seqs: list[NewSequence] = []
+        elif self.waiting and self.waiting[0].suspect:  # admitted into a step of its own
+            new_seqs = self._admit_waiting(self.config.max_num_batched_tokens, batch, limit=1)
+        else:
+            budget = self._schedule_running(batch, appended, preempted)
+            # As in vLLM: under block pressure admit nobody, or the preempted would only thrash.
+            new_seqs = [] if preempted else self._admit_waiting(budget, batch)
         if not batch:
             return None
         step = Step(
@@ -240,12 +250,16 @@ class Scheduler:
         self._in_flight = StepPlan(step, sample, batch, preempted)
         return self._in_flight
 
-    def _schedule_running(self, batch: Batch, appended: list[BlockAppend], preempted: list[int]) -> int:
-        """Running sequences first, oldest first; returns the budget left."""
+    def _schedule_running(self, batch: Batch, appended: list[BlockAppend], preempted: list[int],
+                          only: Sequence | None = None) -> int:
+        """Running sequences first, oldest first (or `only` one of them); returns the budget left."""
         budget = self.config.max_num_batched_tokens
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if only is not None and seq is not only:
+                i += 1
+                continue
             reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
             # Not one more token fits: preempt the youngest. Everyone scheduled so far is older than
             # seq, so the victim is never already in the batch; if seq is the youngest it yields.
@@ -264,13 +278,14 @@ class Scheduler:
                 appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
             batch[seq.seq_id] = (seq, n)
             budget -= n
-            i += 1
+            i = len(self.running) if only is not None else i + 1
         return budget
 
-    def _admit_waiting(self, budget: int, batch: Batch) -> list[NewSequence]:
+    def _admit_waiting(self, budget: int, batch: Batch, limit: int | None = None) -> list[NewSequence]:
         """Waiting sequences in FIFO order, each only if the blocks for its first chunk are free."""
-        new_seqs = []
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        new_seqs: list[NewSequence] = []
+        while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
+               and (limit is None or len(new_seqs) < limit)):
             seq = self.waiting[0]
             token_ids = seq.all_token_ids
             num_cached = self.blocks.allocate_prompt(seq.seq_id, token_ids, budget)
@@ -376,6 +391,7 @@ class Scheduler:
 
     def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> SeqUpdate:
         seq.output_token_ids.append(token)
+        seq.suspect = False  # it computed a step alone without killing anyone
         new_logprobs = []
         if logprob is not None:
             seq.logprobs.append(logprob)

@@ -505,3 +505,22 @@ def test_an_id_freed_and_added_in_one_step():
     assert list(unpack_ints(plan.step.free_seq_ids)) == [1] and plan.step.new_seqs[0].seq_id == 1
     run_to_end(sched, worker)
     assert again.output_token_ids == reference(again, sched.max_seq_len)[0]
+
+
+def test_a_suspect_is_computed_alone_until_it_yields_a_token():
+    sched, worker = setup(max_num_batched_tokens=8)
+    first = make_seq(1, [5, 6, 7], max_tokens=20)
+    sched.add(first)
+    step_once(sched, worker)
+    suspect = make_seq(2, list(range(10, 30)), max_tokens=20, suspect=True)  # 20 tokens: 3 chunks of 8
+    later = make_seq(3, [40, 41], max_tokens=20)
+    sched.add(suspect)
+    sched.add(later)
+    solo = [step_once(sched, worker) for _ in range(3)]
+    assert [counts(p) for p in solo] == [{2: 8}, {2: 8}, {2: 4}]  # nobody else in its steps
+    assert not suspect.suspect and len(suspect.output_token_ids) == 1
+    shared = step_once(sched, worker)
+    assert set(counts(shared)) == {1, 2, 3}  # back to ordinary batching
+    run_to_end(sched, worker)
+    for seq in (first, suspect, later):
+        assert (seq.output_token_ids, seq.finish_reason) == reference(seq, sched.max_seq_len)
