@@ -3,8 +3,9 @@
 One run measures this machine's float32 matrix-multiply rate, Nimbus prefill and decode through the real
 worker path (StepExecutor.execute: step diff, forward pass over the paged KV cache, greedy sampling), the
 bare ModelRunner.forward time inside it, transformers' own `generate` on the same prompts, and what fraction
-of the matmul rate each reaches. Nimbus and transformers alternate per batch size, and per-step medians are
-reported, because absolute times drift on a shared machine: the ratios are the figures to read.
+of the matmul rate each reaches, then profiles a decode step at the largest batch. Nimbus and transformers
+alternate in rounds per batch size and each is reported from its least disturbed round's median step,
+because absolute times drift on a shared machine: the ratios are the figures to read.
 
     .venv/bin/python bench/runtime.py [--quick] [--json OUT]
 """
@@ -43,6 +44,7 @@ from worker.runner import ModelRunner, SeqChunk
 PROMPT_LEN = 256
 BLOCK = 16  # KV block size, the worker's default
 GROUP = 8  # prompts per prefill step
+HF_PREFILL_GROUPS = 2  # transformers prefills these groups itself; it decodes from Nimbus's K/V for the rest
 CHUNK = 64  # tokens per sequence per step when prefilling in chunks
 GREEDY = SamplingParams(temperature=0.0)
 # Original prose, cycled from a different word for each prompt so that no two prompts share a prefix.
@@ -140,7 +142,9 @@ def machine_rates(seconds: float) -> dict[str, float]:
     return {
         "mm_2048_gflops": mm_gflops(2048, 2048, 2048, seconds),
         "mm_decode_gflops": mm_gflops(64, 576, 1536, seconds),  # a batch-64 gate/up projection
+        # not what the worker serves on CPU, but whether this CPU has a fast bfloat16 path (AVX512-BF16/AMX)
         "mm_2048_bf16_gflops": mm_gflops(2048, 2048, 2048, seconds / 4, torch.bfloat16),
+        "mm_decode_bf16_gflops": mm_gflops(64, 576, 1536, seconds / 4, torch.bfloat16),
         "read_gbs": read_gbs(),
     }
 
@@ -307,12 +311,25 @@ def hf_decode(model: Any, prompts: list[list[int]], firsts: list[int], layers: l
     return [b - a for a, b in zip(marks, marks[1:])], wall
 
 
-def merge_caches(caches: list[DynamicCache]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer (keys, values) of several caches concatenated along the batch."""
-    return [
-        (torch.cat([c.layers[i].keys for c in caches]), torch.cat([c.layers[i].values for c in caches]))
-        for i in range(len(caches[0].layers))
-    ]
+def cache_layers(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def paged_kv_as_hf(runner: ModelRunner, tables: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The prompts' K/V from Nimbus's paged pool in transformers' cache layout [B, kv_heads, len, head_dim].
+
+    Both store keys after the rotary embedding, so transformers decodes from the same state without
+    prefilling every prompt again (prefill_all checks the two agree on the groups both prefilled)."""
+    index = torch.tensor(tables)
+
+    def as_hf(pool: torch.Tensor) -> torch.Tensor:  # [num_blocks, block, kv_heads, head_dim]
+        return pool[index].flatten(1, 2).transpose(1, 2).contiguous()
+
+    return [(as_hf(layer[0]), as_hf(layer[1])) for layer in runner.kv_layers]
+
+
+def max_abs_diff(a: list[tuple[torch.Tensor, torch.Tensor]], b: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    return max((x - y).abs().max().item() for pa, pb in zip(a, b) for x, y in zip(pa, pb))
 
 
 # ---------------------------------------------------------------------------------------------- FLOPs
@@ -342,10 +359,13 @@ def prefill_flops_per_token(f: dict[str, int], length: int) -> float:
 # ------------------------------------------------------------------------------------------ profiling
 OP_BUCKETS = (  # (bucket, substrings of aten op names), first match wins
     ("matmul", ("addmm", "aten::mm", "bmm", "matmul", "aten::linear")),
-    ("attention kernel", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
-    ("KV gather / indexing", ("aten::index", "aten::gather", "aten::take")),
-    ("KV write", ("index_copy", "index_put")),
-    ("copies", ("aten::copy_", "aten::clone", "aten::cat", "aten::contiguous", "aten::to", "aten::_to_copy")),
+    ("attention kernel (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+    ("KV write (index_copy_)", ("index_copy",)),
+    ("decode-row scatter (index_put)", ("index_put",)),
+    ("KV gather, row/rope picks (index)", ("aten::index", "aten::gather", "aten::take", "embedding")),
+    ("sampler (argmax)", ("argmax",)),
+    ("norms, rope, SiLU, residual", ("rms_norm", "aten::mul", "aten::add", "aten::pow", "aten::sum",
+                                    "aten::mean", "aten::rsqrt", "aten::silu", "aten::cat", "aten::sub")),
 )
 
 
@@ -359,7 +379,7 @@ def torch_profile(run: Callable[[], float]) -> dict[str, Any]:
     events.sort(key=lambda e: e[1], reverse=True)
     buckets: dict[str, float] = {}
     for name, self_s, _ in events:
-        bucket = next((b for b, keys in OP_BUCKETS if any(k in name for k in keys)), "other ops")
+        bucket = next((b for b, keys in OP_BUCKETS if any(k in name for k in keys)), "other torch ops")
         buckets[bucket] = buckets.get(bucket, 0.0) + self_s
     buckets["outside torch ops (Python)"] = max(0.0, wall - sum(buckets.values()))
     return {"wall_s": wall, "buckets_s": buckets,
@@ -417,10 +437,9 @@ def run(plan: Plan) -> dict[str, Any]:
     hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     chunked_ok = warm_up(driver, hf, prompts[0])
 
-    log("prefill: Nimbus one step / in chunks of 64, transformers one forward, alternating per group")
-    tables, firsts, caches, prefill = prefill_all(driver, hf, prompts)
-    layers = merge_caches(caches)
-    del caches
+    log(f"prefill: Nimbus one step / in chunks of {CHUNK}, alternating per group; transformers one forward")
+    tables, firsts, prefill, kv_diff = prefill_all(driver, hf, prompts)
+    layers = paged_kv_as_hf(runner, tables)
 
     decode = []
     for b in plan.batches:
@@ -442,7 +461,7 @@ def run(plan: Plan) -> dict[str, Any]:
     return report(plan, runner, rates_before, rates_after, prefill, decode, profile,
                   {"load_start": load_start, "load_end": os.getloadavg(), "total_s": time.perf_counter() - t_start,
                    "executor_skipped_prefill_forwards": driver.skipped_forwards,
-                   "chunked_first_token_matches_one_step": chunked_ok})
+                   "chunked_first_token_matches_one_step": chunked_ok, "kv_max_abs_diff_vs_hf": kv_diff})
 
 
 def warm_up(driver: NimbusDriver, hf: Any, prompt: list[int]) -> bool:
@@ -452,15 +471,17 @@ def warm_up(driver: NimbusDriver, hf: Any, prompt: list[int]) -> bool:
     _, chunked_firsts, _ = driver.prefill([short], 16)
     driver.decode([short], firsts, tables, driver.blocks(1), 3)
     cache, _ = hf_prefill(hf, [short])
-    hf_decode(hf, [short], firsts, merge_caches([cache]), 3)
+    hf_decode(hf, [short], firsts, cache_layers(cache), 3)
     return chunked_firsts == firsts
 
 
 def prefill_all(driver: NimbusDriver, hf: Any, prompts: list[list[int]]) -> tuple[Any, ...]:
+    """Nimbus prefills every prompt, one step and chunked alternating per group; transformers prefills the
+    first HF_PREFILL_GROUPS groups for the comparison and to check the K/V it will decode from."""
     tables: list[list[int]] = []
     firsts: list[int] = []
-    caches: list[DynamicCache] = []
     times: dict[str, list[float]] = {"one_step": [], "chunked": [], "hf": []}
+    kv_diff = 0.0
     for g in range(0, len(prompts), GROUP):
         group = prompts[g : g + GROUP]
         chunked = (g // GROUP) % 2 == 1
@@ -468,10 +489,11 @@ def prefill_all(driver: NimbusDriver, hf: Any, prompts: list[list[int]]) -> tupl
         tables += t
         firsts += f
         times["chunked" if chunked else "one_step"].append(seconds)
-        cache, seconds = hf_prefill(hf, group)
-        caches.append(cache)
-        times["hf"].append(seconds)
-    return tables, firsts, caches, times
+        if g < HF_PREFILL_GROUPS * GROUP:
+            cache, seconds = hf_prefill(hf, group)
+            times["hf"].append(seconds)
+            kv_diff = max(kv_diff, max_abs_diff(paged_kv_as_hf(driver.runner, t), cache_layers(cache)))
+    return tables, firsts, times, kv_diff
 
 
 def decode_batch(driver: NimbusDriver, hf: Any, plan: Plan, b: int, prompts: list[list[int]], firsts: list[int],
@@ -494,7 +516,8 @@ def report(plan: Plan, runner: ModelRunner, before: dict[str, float], after: dic
            prefill: dict[str, list[float]], decode: list[DecodeResult], profile: dict[str, Any],
            run_info: dict[str, Any]) -> dict[str, Any]:
     rates = {k: max(before[k], after[k]) for k in before}
-    mm = rates["mm_2048_gflops"]
+    # The reference: the best float32 rate seen, either shape, before or after (the least disturbed).
+    mm = rates["mm_f32_best_gflops"] = max(rates["mm_2048_gflops"], rates["mm_decode_gflops"])
     f = flop_counts(runner)
     group_tokens = GROUP * PROMPT_LEN
     prefill_fpt = prefill_flops_per_token(f, PROMPT_LEN)
@@ -530,12 +553,16 @@ def report(plan: Plan, runner: ModelRunner, before: dict[str, float], after: dic
 
 def print_report(r: dict[str, Any]) -> None:
     m, rates = r["machine"], r["rates"]
+    cores = m["cores"] or 1
+    if max(r["run"]["load_start"][0], r["run"]["load_end"][0]) > cores:
+        print(f"\nWARNING: load average above the {cores} cores: other work slowed this run; read the ratios")
     print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}), transformers "
           f"{m['transformers']}, {m['threads']} torch threads; load average {r['run']['load_start'][0]:.1f} -> "
           f"{r['run']['load_end'][0]:.1f}; run took {r['run']['total_s']:.0f} s")
     print(f"float32 mm: 2048^3 {rates['mm_2048_gflops']:.0f} GFLOP/s, 64x576 @ 576x1536 "
-          f"{rates['mm_decode_gflops']:.0f} GFLOP/s (best of before/after); bfloat16 2048^3 "
-          f"{rates['mm_2048_bf16_gflops']:.0f} GFLOP/s; memory read {rates['read_gbs']:.0f} GB/s")
+          f"{rates['mm_decode_gflops']:.0f} GFLOP/s (best of before/after; fractions below are of "
+          f"{rates['mm_f32_best_gflops']:.0f})\nbfloat16 mm: {rates['mm_2048_bf16_gflops']:.0f} and "
+          f"{rates['mm_decode_bf16_gflops']:.0f} GFLOP/s; memory read {rates['read_gbs']:.0f} GB/s")
     fl = r["flops"]
     print(f"FLOPs/token: decode {fl['decode_per_token'] / 1e6:.0f} M at context {fl['decode_mean_context']:.1f}, "
           f"prefill {fl['prefill_per_token'] / 1e6:.0f} M (256-token prompts)")
@@ -548,6 +575,8 @@ def print_report(r: dict[str, Any]) -> None:
     if skipped:
         print(f"  WARNING: StepExecutor ran no forward pass for {skipped} prefill chunks that sample nothing "
               "(K/V never written; worker/executor.py bug); the bench ran those passes itself")
+    print(f"  K/V that transformers decodes from: Nimbus's, largest difference from its own "
+          f"{r['run']['kv_max_abs_diff_vs_hf']:.1e}")
     if not r["run"]["chunked_first_token_matches_one_step"]:
         print("  WARNING: a chunked prefill sampled another first token than the same prompt in one step")
     p = r["plan"]
@@ -561,13 +590,14 @@ def print_report(r: dict[str, Any]) -> None:
               f"  {100 * d['mm_fraction']:8.0f}%")
     prof = r["profile"]
     t = prof["torch"]
-    print(f"\nprofile of {prof['steps']} decode steps at batch {prof['batch']} ({t['wall_s']:.2f} s under the "
-          "profiler), self time by kind:")
+    n = prof["steps"]
+    print(f"\nprofile of {n} decode steps at batch {prof['batch']} ({1e3 * t['wall_s'] / n:.0f} ms a step under "
+          "torch.profiler), self time per step by kind:")
     for name, s in sorted(t["buckets_s"].items(), key=lambda kv: -kv[1]):
-        print(f"  {name:<28} {s:6.3f} s {100 * s / t['wall_s']:4.0f}%")
-    print("  top ops: " + ", ".join(f"{o['op']} {o['self_s']:.3f}s" for o in t["top_ops"][:8]))
-    print("  Python (cProfile, cumulative): " + ", ".join(
-        f"{k} {v * 1e3:.1f} ms" for k, v in prof["python_cumulative_s"].items()))
+        print(f"  {name:<36} {1e3 * s / n:7.1f} ms {100 * s / t['wall_s']:4.0f}%")
+    print("  top ops: " + ", ".join(f"{o['op']} {1e3 * o['self_s'] / n:.1f}" for o in t["top_ops"][:8]))
+    print("  worker Python, cProfile cumulative ms per step: " + ", ".join(
+        f"{k} {1e3 * v / n:.1f}" for k, v in prof["python_cumulative_s"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:

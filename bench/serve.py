@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import platform
@@ -34,6 +35,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 TICK = os.sysconf("SC_CLK_TCK")
+SEEDS = itertools.count(1)
 BURST = dict(num_requests=64, input_len=256, output_len=128)
 LOW_LOAD = dict(num_requests=10, input_len=256, output_len=64, max_concurrency=1)
 # A longer null-model run: the burst alone lasts well under a second, and in the profiled run serving, not
@@ -57,6 +59,12 @@ def get_json(url: str, key: str | None = None) -> Any:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=5) as resp:
         return json.loads(resp.read())
+
+
+def machine_busy_s() -> float:
+    """CPU seconds all cores have been busy since boot: with our processes' share, what others took meanwhile."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / TICK  # all but idle and iowait; guest time is in user
 
 
 def proc_stat(pid: int) -> tuple[int, float]:
@@ -119,7 +127,7 @@ class Server:
         """Steps so far (all workers) and CPU seconds of the daemon and of its workers."""
         rows = get_json(self.url + "/admin/workers", self.admin_key)["workers"]
         return {"steps": sum(w["steps"] for w in rows), "daemon_cpu_s": proc_stat(self.daemon_pid)[1],
-                "worker_cpu_s": sum(proc_stat(w["pid"])[1] for w in rows)}
+                "worker_cpu_s": sum(proc_stat(w["pid"])[1] for w in rows), "machine_cpu_s": machine_busy_s()}
 
     def __exit__(self, *exc: object) -> None:
         if self.proc is None:
@@ -141,9 +149,10 @@ def py_spy() -> str:
 def bench(server: Server, out: Path, name: str, workload: dict[str, Any]) -> dict[str, Any]:
     """Run one `nimbus bench`; return its summary with the server's steps and CPU and the client's CPU."""
     args = [sys.executable, "-m", "daemon.cli", "bench", "--base-url", server.url + "/v1"]
-    warm = [*args, "--num-requests", "2", "--input-len", "32", "--output-len", "8"]  # first steps allocate
+    warm = [*args, "--num-requests", "2", "--input-len", "32", "--output-len", "8", f"--seed={next(SEEDS)}"]
     subprocess.run(warm, cwd=ROOT, check=True, capture_output=True)
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in workload.items()]
+    # every invocation its own seed, hence prompts of its own: no run is served from another's prefix cache
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in workload.items()] + [f"--seed={next(SEEDS)}"]
     before, client = server.counters(), resource.getrusage(resource.RUSAGE_CHILDREN)
     done = subprocess.run([*args, *flags, "--json", str(out / f"{name}.json")], cwd=ROOT, check=True,
                           capture_output=True, text=True)
@@ -152,6 +161,10 @@ def bench(server: Server, out: Path, name: str, workload: dict[str, Any]) -> dic
     summary = json.loads((out / f"{name}.json").read_text())["runs"][0]["summary"]
     delta = {k: after[k] - before[k] for k in before}
     delta["client_cpu_s"] = (client_after.ru_utime + client_after.ru_stime) - (client.ru_utime + client.ru_stime)
+    # the machine is shared: CPU taken by everything else during the run says how noisy the numbers are
+    delta["others_cpu_s"] = delta.pop("machine_cpu_s") - delta["daemon_cpu_s"] - delta["worker_cpu_s"] - delta[
+        "client_cpu_s"]
+    delta["load_avg_1m"] = os.getloadavg()[0]
     return {"name": name, **summary, **delta}
 
 
@@ -222,7 +235,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
     head = ("| workers | run | done / failed | duration s | req/s | output tok/s | total tok/s | TTFT p50/p90/p99 ms "
             "| ITL p50/p90/p99 ms | E2E p50/p99 ms | steps/s | tokens/step | daemon CPU ms/step | CPU s daemon / "
-            "workers / client |")
+            "workers / client / others |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:
         steps = r["steps"] or 1
@@ -233,7 +246,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {ms(r['e2e_latency_s'], 'p50', 'p99')} "
             f"| {r['steps'] / r['duration_s']:.1f} | {r['output_tokens'] / steps:.1f} "
             f"| {1000 * r['daemon_cpu_s'] / steps:.2f} "
-            f"| {r['daemon_cpu_s']:.1f} / {r['worker_cpu_s']:.1f} / {r['client_cpu_s']:.1f} |")
+            f"| {r['daemon_cpu_s']:.1f} / {r['worker_cpu_s']:.1f} / {r['client_cpu_s']:.1f} / "
+            f"{r['others_cpu_s']:.1f} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from daemon.engine import Engine
-from daemon.metrics import CONTENT_TYPE, Metrics
+from daemon.metrics import CONTENT_TYPE, STATUS, Metrics
 from daemon.replica import Delta, RequestStream, Track
 from daemon.requests import APIError, GenerationRequest, parse_generation
 from daemon.scheduler import Sequence
@@ -154,7 +154,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _read_json(request: web.Request) -> Any:
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # an APIError here, so it is counted and logged as rejected
+        raise APIError(f"request body too large (limit {request.client_max_size} bytes)", status=413,
+                       code="body_too_large") from None
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, absurd nesting or integer sizes
@@ -222,6 +226,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     except APIError as exc:
         if state.metrics is not None:  # refused before admission: bad input, full queue, draining, no worker
             state.metrics.requests.labels(state.served_model_name, "", "rejected").inc()
+        _log_rejected(request, state, exc, arrival)
         raise exc from None
     total = len(prompts) * req.n
     stream = RequestStream(total)
@@ -270,8 +275,8 @@ async def _admit(request: web.Request, state: ApiState, chat: bool) -> tuple[Gen
 
 def _final_reason(track: Track, stream: RequestStream) -> str:
     reason = track.seq.finish_reason
-    if reason == "stop" and track.stops is not None and track.stops.matched_stop is not None:
-        return "stop_string"
+    if track.stops is not None and track.stops.matched_stop is not None:
+        return "stop_string"  # also when it matched on the last token allowed ("length"): the client saw "stop"
     if stream.error is not None and reason in (None, "abort"):
         return "error"
     return reason or "abort"
@@ -284,6 +289,7 @@ def _account(request: web.Request, state: ApiState, req: GenerationRequest, prom
     if state.metrics is not None:
         for track, reason in zip(tracks, reasons):
             state.metrics.finished(state.served_model_name, track.version, reason)
+    statuses = [STATUS.get(r, "error") for r in reasons]  # the log says what nimbus_requests_total says
     first = tracks[0] if tracks else None
 
     def since(t: float | None) -> float | None:
@@ -292,7 +298,7 @@ def _account(request: web.Request, state: ApiState, req: GenerationRequest, prom
     fields = {
         "request_id": request[REQUEST_ID], "deployment": state.served_model_name,
         "version": first.version if first else "", "worker": first.worker_id if first else "",
-        "status": reasons[0] if len(set(reasons)) == 1 else ",".join(reasons),
+        "status": statuses[0] if len(set(statuses)) == 1 else ",".join(statuses),
         "prompt_tokens": sum(len(p) for p in prompts),
         "output_tokens": sum(len(t.seq.output_token_ids) for t in tracks),
         "cached_tokens": sum(t.seq.num_cached_tokens for t in tracks[:: req.n]),
@@ -304,6 +310,17 @@ def _account(request: web.Request, state: ApiState, req: GenerationRequest, prom
         fields["prompt"] = req.messages if req.chat else req.prompts
         fields["output"] = [state.tokenizer.decode(t.seq.output_token_ids) for t in tracks]
     request_log.info("request finished", extra={"fields": fields})
+
+
+def _log_rejected(request: web.Request, state: ApiState, exc: APIError, arrival: float) -> None:
+    """The request log line of a request refused before admission (same fields, nothing computed)."""
+    fields = {
+        "request_id": request[REQUEST_ID], "deployment": state.served_model_name, "version": "", "worker": "",
+        "status": "rejected", "http_status": exc.status, "error": exc.code,
+        "prompt_tokens": 0, "output_tokens": 0, "cached_tokens": 0, "queue_time_s": None, "ttft_s": None,
+        "total_time_s": round(time.monotonic() - arrival, 4),
+    }
+    request_log.info("request rejected", extra={"fields": fields})
 
 
 class Response:

@@ -50,8 +50,7 @@ CORPUS = (
     "authorities insisted on its being received, for good or for evil, in the superlative degree of "
     "comparison only. "
 )
-# Offsets of successive prompts into the corpus' tokens; a prime, so they stay distinct for a long run and
-# no two requests share a first KV block (which would hand a prefix cache free hits).
+# Offsets of successive prompts into the corpus' tokens: a prime, so they stay spread over the text.
 _STRIDE = 131
 WORKLOADS = ("burst", "poisson", "sweep", "shared-prefix")
 ENDPOINTS = {"completions": "/completions", "chat": "/chat/completions"}
@@ -214,13 +213,26 @@ def exact_prompt(tok: TextTokenizer, head: Prompt, source: Sequence[int], offset
 
 
 def build_prompts(tok: TextTokenizer, count: int, input_len: int, prefix_len: int = 0, seed: int = 0) -> list[Prompt]:
-    """`count` distinct prompts of input_len tokens, each after the same prefix_len-token prefix (if any)."""
+    """`count` distinct prompts of input_len tokens, each after the same prefix_len-token prefix (if any).
+
+    Each starts (after the prefix) with a label naming its seed and index, such as "Reading 3 of set 0:",
+    when that takes at most half its tokens: the corpus is short, so without it prompts of two runs would
+    begin alike and a prefix cache would serve the later run from the earlier one.
+    """
     source = tok.encode(CORPUS, add_special_tokens=False)
-    head = exact_prompt(tok, Prompt("", []), source, 0, prefix_len) if prefix_len else Prompt("", [])
-    offsets = [(seed * 7919 + (i + 1) * _STRIDE) % len(source) for i in range(count)]
-    if prefix_len:  # a suffix that starts inside a word would merge with the prefix's last token
-        offsets = [_word_start(tok, source, o) for o in offsets]
-    return [exact_prompt(tok, head, source, o, input_len) for o in offsets]
+    shared = exact_prompt(tok, Prompt("", []), source, 0, prefix_len) if prefix_len else Prompt("", [])
+    prompts = []
+    for i in range(count):
+        label = f"{' ' if shared.text else ''}Reading {i + 1} of set {seed}:"
+        label_ids = tok.encode(label, add_special_tokens=False)
+        head = shared
+        if 2 * len(label_ids) <= input_len:
+            head = Prompt(shared.text + label, shared.token_ids + label_ids)
+        offset = (seed * 7919 + (i + 1) * _STRIDE) % len(source)
+        if head.text:  # a passage that starts inside a word would merge with the head's last token
+            offset = _word_start(tok, source, offset)
+        prompts.append(exact_prompt(tok, head, source, offset, input_len - (len(head.token_ids) - prefix_len)))
+    return prompts
 
 
 def _word_start(tok: TextTokenizer, source: Sequence[int], offset: int) -> int:

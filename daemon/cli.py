@@ -17,6 +17,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.main", "run a worker that attaches to a daemon over ZeroMQ"),
     "pull": ("daemon.models", "install a model (the default: SmolLM2-135M-Instruct) into the cache"),
     "bench": ("daemon.bench", "load-test an OpenAI-compatible server: TTFT, inter-token latency, throughput"),
+    "keys": ("protocol.keys", "make CURVE key pairs for daemon-worker links over TCP"),
 }
 
 
@@ -47,6 +48,10 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--orphan-timeout", type=float, default=600.0,
                    help="seconds without any daemon before exiting")
     p.add_argument("--log-format", choices=("json", "text"), default="json", help="log lines as JSON or text")
+    p.add_argument("--keys", default=None, metavar="DIR",
+                   help="CURVE keys: this worker's pair (worker.key_secret) and the daemon's server.key")
+    p.add_argument("--allow-plain-tcp", action="store_true",
+                   help="connect over tcp:// without --keys (unencrypted; loopback addresses only)")
     p.add_argument("--fault", default=None, help=argparse.SUPPRESS)  # fault injection for tests (worker/faults.py)
 
 
@@ -85,11 +90,20 @@ def _add_bench(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", default=None, metavar="OUT.png", help="write a figure (needs matplotlib)")
 
 
+def _add_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=("generate",), help="generate: write a new key pair")
+    p.add_argument("--dir", required=True, help="keys folder (made with mode 0700 if missing)")
+    p.add_argument("--name", default=None, help="file name of the pair (default: worker, or server with --server)")
+    p.add_argument("--server", action="store_true",
+                   help="the daemon's pair; also makes the authorized/ folder for worker public keys")
+
+
 _ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "serve": _add_serve,
     "worker": _add_worker,
     "pull": _add_pull,
     "bench": _add_bench,
+    "keys": _add_keys,
 }
 
 
@@ -108,12 +122,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     if args.command == "worker":
+        # the link is checked before a model is pulled: a refused worker should fail in a second
+        args.curve = _worker_link(parser, args)
         # names are resolved here so the worker package never imports daemon code
         from daemon.models import resolve_model
 
         args.model = str(resolve_model(args.model, pull=True))
     module = importlib.import_module(_COMMANDS[args.command][0])
     return int(module.run(args) or 0)
+
+
+def _worker_link(parser: argparse.ArgumentParser, args: argparse.Namespace) -> object:
+    """The worker's CURVE keys (None for a plain link the rules allow); exits with a usage error otherwise."""
+    from protocol.keys import KeyFileError, load_client
+    from protocol.transport import check_plain_link
+
+    try:
+        if args.keys:
+            return load_client(args.keys)
+        check_plain_link(args.connect, args.allow_plain_tcp)
+    except KeyFileError as exc:
+        parser.error(f"--keys: {exc}")
+    except ValueError as exc:
+        parser.error(f"--connect without --keys: {exc} (flags: --keys DIR, --allow-plain-tcp)")
+    return None
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.scheduler import SchedulerConfig
+from protocol.transport import check_plain_link
 
 
 class ConfigError(ValueError):
@@ -75,6 +76,9 @@ class WorkersConfig:
     block_size: int = 16
     runtime_dir: str | None = None  # where the ipc:// socket lives; default $XDG_RUNTIME_DIR/nimbus
     bind: str | None = None  # extra tcp://HOST:PORT for workers on other hosts; none by default
+    # CURVE on the workers' socket: server.key_secret plus authorized/ (allowed worker public keys) in here
+    keys_dir: str | None = None
+    allow_plain_tcp: bool = False  # lets `bind` go without keys, on a loopback address only (tests, one box)
     startup_timeout_s: float = 300.0
     null_model: bool = False  # workers answer instantly with a fixed token: measures the daemon alone
     heartbeat_interval_s: float = 1.0
@@ -93,6 +97,8 @@ class WorkersConfig:
                   "heartbeat_timeout_s", "lease_s", "orphan_timeout_s", "restart_backoff_s")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("workers.heartbeat_timeout_s must exceed workers.heartbeat_interval_s")
+        if self.bind is not None:
+            _check_bind(self.bind, self.keys_dir, self.allow_plain_tcp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +110,19 @@ class NimbusConfig:
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(NimbusConfig)}  # type: ignore[misc]
+
+
+def _check_bind(bind: str, keys_dir: str | None, allow_plain_tcp: bool) -> None:
+    """A remote-worker address: tcp:// (any address the operator names, wildcards included) with keys;
+    without keys, only ipc:// or a loopback address with allow_plain_tcp."""
+    if not isinstance(bind, str) or not bind.startswith(("tcp://", "ipc://")):
+        raise ConfigError(f"workers.bind must be tcp://HOST:PORT (or ipc://PATH), not {bind!r}")
+    if keys_dir is None:
+        try:
+            check_plain_link(bind, allow_plain_tcp)
+        except ValueError as exc:
+            raise ConfigError(f"workers.bind without workers.keys_dir: {exc} "
+                              "(settings: workers.keys_dir, workers.allow_plain_tcp)") from None
 
 
 def _positive(obj: object, *names: str) -> None:

@@ -92,9 +92,10 @@ class _LiveState(Collector):
         hits = CounterMetricFamily("nimbus_prefix_cache_hits_tokens", "Prompt tokens found in the prefix cache.",
                                    labels=["worker"])
         states: dict[str, int] = {"up": 0, "dead": 0, "backoff": 0, "crashloop": 0}
+        state_of: dict[str, str] = {}  # one state per worker, so the states add up to the workers
         for replica in self.engine.replicas.values():
             wid, sched = replica.worker_id, replica.scheduler
-            states["up" if replica.alive else "dead"] += 1
+            state_of[wid] = "up" if replica.alive else "dead"
             if replica.alive:
                 running.add_metric([wid], sched.num_running)
                 waiting.add_metric([wid], sched.num_waiting)
@@ -106,8 +107,10 @@ class _LiveState(Collector):
                                        labels=["worker"])
         for wid, slot in (self.slots() if self.slots else {}).items():
             restarts.add_metric([wid], float(slot["restarts"]))  # type: ignore[arg-type]
-            if slot["state"] in ("backoff", "crashloop"):
-                states[str(slot["state"])] += 1
+            if slot["state"] in ("backoff", "crashloop"):  # its process is down: this says more than "dead"
+                state_of[wid] = str(slot["state"])
+        for state in state_of.values():
+            states[state] += 1
         workers = GaugeMetricFamily("nimbus_workers", "Workers by state.", labels=["state"])
         for state, n in states.items():
             workers.add_metric([state], n)

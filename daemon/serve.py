@@ -22,13 +22,14 @@ from aiohttp import web
 from daemon import systemd
 from daemon.api import ApiState, make_app
 from daemon.auth import auth_middleware, load_keys
-from daemon.config import ConfigError, NimbusConfig, ServerConfig, load_config
+from daemon.config import ConfigError, NimbusConfig, ServerConfig, WorkersConfig, load_config
 from daemon.engine import Engine, HealthConfig
 from daemon.httpserver import HttpLimits, start_http
 from daemon.metrics import Metrics
 from daemon.models import resolve_model
 from daemon.supervisor import LocalWorkers
 from daemon.tokenizer import Tokenizer
+from protocol import keys
 from protocol.logs import configure as configure_logging
 from protocol.transport import RouterEndpoint
 
@@ -42,6 +43,20 @@ def runtime_dir(configured: str | None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o700)  # only the service user may reach the workers' socket
     return path
+
+
+def worker_endpoint(ctx: zmq.asyncio.Context, workers: WorkersConfig, socket_path: Path) -> RouterEndpoint:
+    """The workers' ROUTER. With workers.keys_dir it is a CURVE server that admits the keys in
+    authorized/ and the pair kept beside the ipc:// socket for local workers: CURVE is per socket, not
+    per address, so local workers hold keys too (one socket keeps the engine's one endpoint)."""
+    if workers.keys_dir is None:
+        return RouterEndpoint(ctx)
+    try:
+        server = keys.load_server(workers.keys_dir)
+        local = keys.ensure_local_keys(keys.local_keys_dir(socket_path), server)
+    except (keys.KeyFileError, OSError) as exc:
+        raise ConfigError(f"workers.keys_dir: {exc}") from None
+    return RouterEndpoint(ctx, curve=server, allow=keys.AllowList(server.authorized, frozenset({local.public})))
 
 
 def config_from_args(args: argparse.Namespace) -> NimbusConfig:
@@ -88,12 +103,18 @@ async def serve(config: NimbusConfig, folder: Path, stop: asyncio.Event | None =
     auth = http_auth(config.server)  # bad keys fail before any socket is bound
     tokenizer = Tokenizer.from_folder(folder)
     ctx = zmq.asyncio.Context()
-    endpoint = RouterEndpoint(ctx)
     socket_path = runtime_dir(config.workers.runtime_dir) / f"workers-{config.server.port}.sock"
+    endpoint = worker_endpoint(ctx, config.workers, socket_path)
     earlier_daemon = socket_path.exists()  # left behind when a daemon died without closing it
     address = endpoint.bind(f"ipc://{socket_path}")
     if config.workers.bind:
-        log.info("accepting remote workers on %s", endpoint.bind(config.workers.bind))
+        try:
+            remote = endpoint.bind(config.workers.bind)
+        except zmq.ZMQError as exc:
+            endpoint.close()
+            raise ConfigError(f"cannot bind workers.bind {config.workers.bind}: {exc}") from None
+        log.info("accepting remote workers on %s (%s)", remote,
+                 "CURVE, allow-listed keys only" if endpoint.auth else "plain TCP, loopback")
     metrics = Metrics()
     engine = Engine(endpoint, str(folder), tokenizer, config.scheduler, health_config(config),
                     config.model.max_model_len, deployment=served, metrics=metrics)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from daemon.config import WorkersConfig
+from protocol.keys import local_keys_dir
 
 log = logging.getLogger("nimbus.supervisor")
 # a worker that dies within this many seconds of starting counts as a quick failure
@@ -119,6 +120,8 @@ class LocalWorkers:
             cmd += ["--fault", c.fault]
         if self.max_model_len:
             cmd += ["--max-model-len", str(self.max_model_len)]
+        if c.keys_dir:  # the daemon's socket speaks CURVE: the pair it keeps beside the socket (daemon/serve.py)
+            cmd += ["--keys", str(local_keys_dir(self.address.removeprefix("ipc://")))]
         return cmd
 
     async def start(self, adopted: dict[str, int] | None = None) -> None:

@@ -1,18 +1,63 @@
 """Thin ZeroMQ edges: the daemon's ROUTER socket and a worker's DEALER sockets, moving encoded messages.
 
 Everything above this module sees `Message` objects; everything below is frames. Socket options bound
-what a peer can make us allocate (MAXMSGSIZE) and how long a dead peer can hold us (LINGER).
+what a peer can make us allocate (MAXMSGSIZE) and how long a dead peer can hold us (LINGER). With keys,
+both sides speak CURVE (encrypted, and only allow-listed worker keys get in); without, the link must be
+ipc:// (guarded by its folder's permissions) or loopback TCP the operator allowed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import logging
+import time
+
 import zmq
 import zmq.asyncio
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils.monitor import recv_monitor_message
 
+from protocol.keys import AllowList, ClientKeys, ServerKeys
 from protocol.messages import MAX_FRAME_BYTES, Message, decode, encode
 
+log = logging.getLogger("nimbus.transport")
 # high-water marks: a worker that stops reading must not make the daemon buffer without bound
 SEND_HWM = 1000
+ZAP_DOMAIN = "nimbus"
+# libzmq gives up on a link whose handshake the daemon refused; the worker tries again this often
+REFUSED_RETRY_S = 5.0
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                     | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_REFUSALS = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "the daemon at %s refused this worker's key: is its public key in the "
+                                     "daemon's authorized/ folder? (retrying every %.0fs)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "the daemon at %s refused the handshake: one side uses CURVE keys and "
+                                         "the other does not (retrying every %.0fs)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "the security handshake with the daemon at %s failed: a wrong "
+                                          "server.key, or CURVE on one side only? (libzmq retries; logged every %.0fs)",
+}
+
+
+def check_plain_link(address: str, allow_plain_tcp: bool) -> None:
+    """Raises ValueError unless `address` may carry worker traffic without CURVE: ipc:// (guarded by its
+    folder's permissions), or tcp:// to a loopback address (127.0.0.0/8, ::1) when plain TCP is allowed."""
+    scheme, _, rest = address.partition("://")
+    if scheme == "ipc":
+        return
+    if scheme != "tcp":
+        raise ValueError(f"{address}: workers attach over tcp:// or ipc:// only")
+    host = rest.rpartition(";")[2].rpartition(":")[0].strip("[]")  # tcp://[SOURCE;]HOST:PORT
+    if not allow_plain_tcp:
+        raise ValueError(f"{address} would carry worker traffic unencrypted: use CURVE keys "
+                         "(`nimbus keys generate`), or explicitly allow plain TCP on a loopback address")
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"{address}: plain TCP is allowed on a loopback address only (127.0.0.1 or ::1, "
+                         "not a name or a wildcard); anywhere else use CURVE keys")
 
 
 def _configure(sock: zmq.Socket, max_bytes: int) -> None:
@@ -23,9 +68,14 @@ def _configure(sock: zmq.Socket, max_bytes: int) -> None:
 
 
 class RouterEndpoint:
-    """The daemon's side: one ROUTER socket bound to one or more addresses (ipc:// or tcp://)."""
+    """The daemon's side: one ROUTER socket bound to one or more addresses (ipc:// or tcp://).
 
-    def __init__(self, ctx: zmq.asyncio.Context, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    With `curve` keys it is a CURVE server on every address it binds (CURVE is per socket, not per
+    address), and a ZAP authenticator admits only the public keys `allow` holds.
+    """
+
+    def __init__(self, ctx: zmq.asyncio.Context, max_bytes: int = MAX_FRAME_BYTES, curve: ServerKeys | None = None,
+                 allow: AllowList | None = None) -> None:
         self.sock = ctx.socket(zmq.ROUTER)
         _configure(self.sock, max_bytes)
         # a worker whose identity reconnects replaces the old pipe instead of being dropped
@@ -33,6 +83,22 @@ class RouterEndpoint:
         # fail loudly (EHOSTUNREACH) instead of silently dropping frames for a vanished worker
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.max_bytes = max_bytes
+        self.auth: ThreadAuthenticator | None = None
+        if curve is not None:
+            self._require_curve(ctx, curve, allow or AllowList(curve.authorized))
+
+    def _require_curve(self, ctx: zmq.Context, keys: ServerKeys, allow: AllowList) -> None:
+        # The authenticator runs before anything binds: a CURVE server without a ZAP handler lets in
+        # every client that knows its public key. Its own thread, so handshakes never wait on our loop.
+        self.auth = ThreadAuthenticator(ctx, log=logging.getLogger("nimbus.zap"))
+        self.auth.start()
+        self.auth.configure_curve_callback(ZAP_DOMAIN, allow)
+        self.sock.curve_secretkey = keys.secret
+        self.sock.curve_publickey = keys.public
+        self.sock.curve_server = True
+        self.sock.zap_domain = ZAP_DOMAIN.encode()
+        with contextlib.suppress(AttributeError, zmq.ZMQError):  # and refuse all if the handler ever went away
+            self.sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
 
     def bind(self, address: str) -> str:
         self.sock.bind(address)
@@ -52,26 +118,82 @@ class RouterEndpoint:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+        if self.auth is not None:
+            self.auth.stop()
 
 
 class DealerEndpoint:
-    """A worker's side: a DEALER socket with a fixed identity, connected to the daemon (blocking API)."""
+    """A worker's side: a DEALER socket with a fixed identity, connected to the daemon (blocking API).
 
-    def __init__(self, ctx: zmq.Context, identity: bytes, address: str, max_bytes: int = MAX_FRAME_BYTES) -> None:
+    A monitor watches the handshake: a refusal is logged, and since libzmq never retries a link the
+    daemon refused, the endpoint reconnects every REFUSED_RETRY_S (a key allow-listed later gets in).
+    """
+
+    def __init__(self, ctx: zmq.Context, identity: bytes, address: str, max_bytes: int = MAX_FRAME_BYTES,
+                 curve: ClientKeys | None = None) -> None:
         self.sock = ctx.socket(zmq.DEALER)
         _configure(self.sock, max_bytes)
         self.sock.setsockopt(zmq.IDENTITY, identity)
+        if curve is not None:
+            self.sock.curve_secretkey = curve.secret
+            self.sock.curve_publickey = curve.public
+            self.sock.curve_serverkey = curve.server
+        self.monitor = self.sock.get_monitor_socket(_HANDSHAKE_EVENTS)
+        self.poller = zmq.Poller()
+        self.poller.register(self.sock, zmq.POLLIN)
+        self.poller.register(self.monitor, zmq.POLLIN)
+        self.address = address
+        self.refused = False
+        self._retry_at: float | None = None
+        self._last_warning = -REFUSED_RETRY_S
         self.sock.connect(address)
         self.max_bytes = max_bytes
 
     def send(self, msg: Message) -> None:
-        self.sock.send(encode(msg))
+        """Blocks while the queue is full, or while there is no link (the daemon refused us)."""
+        frame = encode(msg)
+        while True:
+            try:
+                self.sock.send(frame, flags=zmq.NOBLOCK)
+                return
+            except zmq.Again:
+                self.sock.poll(100, zmq.POLLOUT)
+                self._watch_link()
 
     def recv(self, timeout_ms: int | None = None) -> Message | None:
         """The next message, or None on timeout; a malformed frame raises ProtocolError."""
-        if timeout_ms is not None and not self.sock.poll(timeout_ms, zmq.POLLIN):
-            return None
-        return decode(self.sock.recv(copy=True), self.max_bytes)
+        deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
+        while True:
+            self._watch_link()
+            wait_ms = 500 if deadline is None else min(500, max(0, int((deadline - time.monotonic()) * 1000)))
+            if self.sock in dict(self.poller.poll(wait_ms)):
+                return decode(self.sock.recv(copy=True), self.max_bytes)
+            if deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def _watch_link(self) -> None:
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.refused:
+                    log.info("%s: attached to the daemon at %s", self.sock.identity.decode(errors="replace"),
+                             self.address)
+                self.refused = False
+                continue
+            self.refused = True
+            if event != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # libzmq retries only after those
+                self._retry_at = time.monotonic() + REFUSED_RETRY_S
+            if time.monotonic() - self._last_warning >= REFUSED_RETRY_S:
+                self._last_warning = time.monotonic()
+                log.error(_REFUSALS.get(event, "handshake with %s failed (retry in %.0fs)"), self.address,
+                          REFUSED_RETRY_S)
+        if self._retry_at is not None and time.monotonic() >= self._retry_at:
+            self._retry_at = None
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disconnect(self.address)
+            self.sock.connect(self.address)
 
     def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
         self.sock.close(linger=0)

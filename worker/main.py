@@ -18,6 +18,7 @@ import time
 import torch
 import zmq
 
+from protocol.keys import ClientKeys
 from protocol.logs import configure as configure_logging
 from protocol.messages import Drain, Error, Heartbeat, Hello, Load, ProtocolError, Shutdown, Step, Welcome
 from protocol.transport import DealerEndpoint
@@ -34,7 +35,8 @@ class Worker:
     """The message loop around a step executor."""
 
     def __init__(self, executor: StepExecutor | NullExecutor, address: str, worker_id: str, model_name: str,
-                 lease_s: float = 5.0, orphan_timeout_s: float = 600.0, faults: Faults | None = None) -> None:
+                 lease_s: float = 5.0, orphan_timeout_s: float = 600.0, faults: Faults | None = None,
+                 curve: ClientKeys | None = None) -> None:
         self.executor = executor
         self.address = address
         self.worker_id = worker_id
@@ -44,7 +46,8 @@ class Worker:
         self.faults = faults or Faults()
         self.heartbeat_interval = 1.0
         self.ctx = zmq.Context()
-        self.dealer = DealerEndpoint(self.ctx, worker_id.encode(), address)
+        self.curve = curve  # CURVE keys for both sockets; None: a plain link (ipc://, or allowed loopback TCP)
+        self.dealer = DealerEndpoint(self.ctx, worker_id.encode(), address, curve=curve)
         self.state = "ready"
         self.step_in_progress: int | None = None
         self.welcomed = threading.Event()
@@ -136,7 +139,7 @@ class Worker:
 
     def _heartbeats(self) -> None:
         # own socket: zmq sockets are not thread-safe, and beats must flow during a long forward pass
-        sock = DealerEndpoint(self.ctx, f"{self.worker_id}/hb".encode(), self.address)
+        sock = DealerEndpoint(self.ctx, f"{self.worker_id}/hb".encode(), self.address, curve=self.curve)
         seq = 0
         next_beat = time.monotonic()
         try:
@@ -182,5 +185,6 @@ def run(args: argparse.Namespace) -> int:
                              block_size=args.block_size, max_model_len=args.max_model_len)
         executor = StepExecutor(runner, worker_id=worker_id)
     worker = Worker(executor, args.connect, worker_id, model_name=str(args.model), lease_s=args.lease,
-                    orphan_timeout_s=args.orphan_timeout, faults=Faults.parse(args.fault))
+                    orphan_timeout_s=args.orphan_timeout, faults=Faults.parse(args.fault),
+                    curve=getattr(args, "curve", None))
     return worker.run()
