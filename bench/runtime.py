@@ -99,13 +99,11 @@ class TimedRunner(ModelRunner):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.last_forward_s = 0.0
-        self.forward_calls = 0
 
     def forward(self, chunks: Sequence[SeqChunk], logits_rows: Sequence[int] | None = None) -> torch.Tensor:
         t0 = time.perf_counter()
         out = super().forward(chunks, logits_rows)
         self.last_forward_s = time.perf_counter() - t0
-        self.forward_calls += 1
         return out
 
 
@@ -191,7 +189,6 @@ class NimbusDriver:
         self.next_block = 0
         self.next_seq = 0
         self.next_step = 0
-        self.skipped_forwards = 0  # steps the executor ran without a forward pass (see _missing_forward)
 
     def blocks(self, n: int) -> list[int]:
         if self.next_block + n > self.runner.num_blocks:
@@ -219,28 +216,13 @@ class NimbusDriver:
         )
         length = len(prompts[0])
         sizes = [length] if chunk is None else [chunk] * (length // chunk)
-        total, sampled, start = 0.0, {}, 0
+        total, sampled = 0.0, {}
         for i, n in enumerate(sizes):
-            calls = self.runner.forward_calls
             sampled, elapsed = self.step(new_seqs=new if i == 0 else (), seq_ids=pack_ints(ids),
                                          num_tokens=pack_ints([n] * len(ids)))
-            if self.runner.forward_calls == calls:
-                elapsed += self._missing_forward(prompts, tables, start, n)
             total += elapsed
-            start += n
         self.step(free_seq_ids=pack_ints(ids))  # the blocks stay filled; decode rounds reuse them
         return tables, [sampled[sid] for sid in ids], total
-
-    def _missing_forward(self, prompts: list[list[int]], tables: list[list[int]], start: int, n: int) -> float:
-        """Writes the K/V of a prefill chunk the executor advanced past without a forward pass.
-
-        StepExecutor.execute skips the forward pass of a step in which no sequence samples, yet counts
-        its tokens as computed: their K/V is never written and later tokens attend to zeros. Until that
-        is fixed, the benchmark runs the pass itself, so the chunked timing and the prefixes stay real."""
-        self.skipped_forwards += 1
-        chunks = [SeqChunk(p[start : start + n], start, t) for p, t in zip(prompts, tables)]
-        self.runner.forward(chunks)
-        return self.runner.last_forward_s
 
     def decode(self, prompts: list[list[int]], firsts: list[int], tables: list[list[int]], fresh: list[int],
                steps: int) -> tuple[list[float], list[float]]:
@@ -460,7 +442,6 @@ def run(plan: Plan) -> dict[str, Any]:
     rates_after = machine_rates(1.0)
     return report(plan, runner, rates_before, rates_after, prefill, decode, profile,
                   {"load_start": load_start, "load_end": os.getloadavg(), "total_s": time.perf_counter() - t_start,
-                   "executor_skipped_prefill_forwards": driver.skipped_forwards,
                    "chunked_first_token_matches_one_step": chunked_ok, "kv_max_abs_diff_vs_hf": kv_diff})
 
 
@@ -571,10 +552,6 @@ def print_report(r: dict[str, Any]) -> None:
               "hf": "transformers forward"}
     for mode, p in r["prefill"].items():
         print(f"  {labels[mode]:<24} {p['tokens_per_s']:7.0f} tok/s  {100 * p['mm_fraction']:4.0f}% of mm rate")
-    skipped = r["run"]["executor_skipped_prefill_forwards"]
-    if skipped:
-        print(f"  WARNING: StepExecutor ran no forward pass for {skipped} prefill chunks that sample nothing "
-              "(K/V never written; worker/executor.py bug); the bench ran those passes itself")
     print(f"  K/V that transformers decodes from: Nimbus's, largest difference from its own "
           f"{r['run']['kv_max_abs_diff_vs_hf']:.1e}")
     if not r["run"]["chunked_first_token_matches_one_step"]:

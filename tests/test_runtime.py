@@ -14,6 +14,7 @@ from protocol.messages import (
     decode,
     encode,
     pack_ints,
+    unpack_floats,
     unpack_ints,
 )
 from worker.config import ModelConfig, UnsupportedModelError
@@ -163,3 +164,23 @@ def test_parse_size():
     assert parse_size("1024") == 1024
     with pytest.raises(ValueError):
         parse_size("lots")
+
+
+def test_a_step_of_prefill_chunks_only_still_writes_the_cache(tiny):
+    # no sequence samples in the first two steps: the forward pass must run anyway
+    hf, runner = tiny
+    executor = StepExecutor(runner)
+    prompt = list(range(30, 60))
+    blocks = Blocks(runner.num_blocks)
+    table: list[int] = []
+    blocks.cover(table, len(prompt) + 4)
+    new = NewSequence(seq_id=5, token_ids=pack_ints(prompt), num_prompt_tokens=len(prompt), num_computed_tokens=0,
+                      block_ids=pack_ints(table), sampling=SamplingParams(temperature=0.0, logprobs=3))
+    chunks = [Step(step_id=0, new_seqs=(new,), seq_ids=pack_ints([5]), num_tokens=pack_ints([11])),
+              Step(step_id=1, seq_ids=pack_ints([5]), num_tokens=pack_ints([9])),
+              Step(step_id=2, seq_ids=pack_ints([5]), num_tokens=pack_ints([10]))]
+    results = [executor.execute(step) for step in chunks]
+    assert [len(unpack_ints(r.seq_ids)) for r in results] == [0, 0, 1]
+    assert unpack_ints(results[-1].token_ids).tolist() == _greedy_reference(hf, prompt, 1)
+    expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1], -1).topk(3)
+    assert unpack_floats(results[-1].top_logprobs).tolist() == pytest.approx(expected.values.tolist(), abs=TOL)

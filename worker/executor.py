@@ -47,10 +47,11 @@ class StepExecutor:
         chunks = [SeqChunk(s.token_ids[s.num_computed : s.num_computed + n], s.num_computed, s.block_ids)
                   for _, s, n in batch]
         sampling_rows = [i for i, (_, s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
-        logits = self.runner.forward(chunks, sampling_rows) if sampling_rows else None
+        # Always run the pass: a step of prefill chunks only samples nothing but must still write K/V.
+        logits = self.runner.forward(chunks, sampling_rows)
         for _, state, n in batch:
             state.num_computed += n
-        if logits is None:
+        if not sampling_rows:
             return self._result(step.step_id, [], [], None, t0)
         samplers = [batch[i] for i in sampling_rows]
         out = sample(logits, SamplingBatch.build(
