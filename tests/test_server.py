@@ -227,3 +227,18 @@ def test_greedy_equals_transformers(client, model):
         got = client.chat.completions.create(model=model, messages=[{"role": "user", "content": q}],
                                              max_tokens=32, temperature=0).choices[0].message.content
         assert got == expected, q
+
+
+def test_a_prompt_longer_than_the_step_budget_is_prefilled_in_chunks(client, model, hf_tokenizer):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    # max_num_batched_tokens is 512 here: this prompt takes three steps of prefill before its first token
+    prompt = " ".join(f"item {i} is {'red' if i % 3 else 'blue'};" for i in range(170))
+    ids = hf_tokenizer.encode(prompt)
+    assert len(ids) > 1024
+    hf = AutoModelForCausalLM.from_pretrained(pull(), dtype=torch.float32).eval()
+    expected = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids):]
+    got = client.completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0)
+    assert got.usage.prompt_tokens == len(ids)
+    assert got.choices[0].text == hf_tokenizer.decode(expected, skip_special_tokens=True)
