@@ -1,10 +1,11 @@
 """Reruns the serving benchmarks of docs/benchmarks.md: real `nimbus serve` processes on 127.0.0.1, driven by `nimbus bench`.
 
 For each worker count: (a) a burst of 64 requests, 256 prompt tokens, 128 output tokens (ignore_eos), completions;
-(b) time to first token at low load: 10 requests one at a time; (c) the daemon alone: the same burst against
-null-model workers (they answer each step at once), with steps/s from GET /admin/workers, the CPU seconds of the
-daemon, its workers and the client, and then once more under a profiler (py-spy if installed, else cProfile):
-where the daemon's time goes. The profiled run is separate because a profiler on two cores slows what it watches.
+(b) time to first token at low load: 10 requests one at a time; (c) the daemon alone: the same burst and a longer
+one against null-model workers (they answer each step at once), then the longer one again under a profiler (py-spy
+if installed, else cProfile): where the daemon's time goes. The profiled run is separate because a profiler on two
+cores slows what it watches. Every run reports steps (GET /admin/workers) and the CPU seconds of the daemon, its
+workers, the bench client and everything else on the machine (how noisy the run was).
 
     .venv/bin/python bench/serve.py [--workers 1,2] [--quick] [--parts burst,low-load,null] [--out DIR]
                                     [--profiler py-spy|cprofile|none]
@@ -184,23 +185,50 @@ def measure(out: Path, workers: int, quick: bool, profiler: str, parts: set[str]
     if "null" in parts and profiler != "none":
         with Server(out, workers, null_model=True, profiler=profiler) as server:
             rows.append(bench(server, out, f"w{workers}-null-long-profiled", long))
-        rows[-1]["profile"] = profile_report(server, out)
+        row = rows[-1]
+        row["profile"] = profile_report(server, out, row["daemon_cpu_s"], row["steps"], row["output_tokens"])
         print(rows[-1]["profile"])
     return [{"workers": workers, **r} for r in rows]
 
 
-def profile_report(server: Server, out: Path, top: int = 25) -> str:
+def profile_report(server: Server, out: Path, cpu_s: float, steps: int, tokens: int, top: int = 25) -> str:
     if server.profiler == "cprofile":
         path = out / f"{server.name}.top.txt"
         with path.open("w") as f:
             pstats.Stats(str(out / f"{server.name}.prof"), stream=f).sort_stats("cumulative").print_stats(top)
         return path.read_text()
-    return summarize_py_spy(out / f"{server.name}.txt", top)
+    return summarize_py_spy(out / f"{server.name}.txt", cpu_s, steps, tokens, top)
 
 
-def summarize_py_spy(path: Path, top: int = 25) -> str:
-    """Self and inclusive shares of the daemon's samples, by function and by file, leaving out start-up imports."""
-    own, inclusive, by_file, total, startup = Counter(), Counter(), Counter(), 0, 0
+# Where a sample of the daemon belongs: the first area (in this order) with a marker in any frame of its stack.
+AREAS = (
+    ("SSE write to the socket (aiohttp StreamResponse.write)", ("StreamResponse.write",)),
+    ("SSE chunk as JSON (Response._chunk)", ("Response._chunk",)),
+    ("detokenization (IncrementalDetokenizer)", ("IncrementalDetokenizer.",)),
+    ("metrics (prometheus_client)", ("prometheus_client/",)),
+    ("prompt tokenization (Tokenizer.encode)", ("Tokenizer.encode",)),
+    ("scheduler: update (append tokens, stop checks, commit blocks)", ("Scheduler.update",)),
+    ("scheduler: schedule (build the step)", ("Scheduler.schedule",)),
+    ("ZeroMQ and msgpack (send step, receive result)", ("zmq/", "msgpack", "protocol/")),
+    ("rest of the step loop (Replica.run, _emit, stream wake-ups)", ("Replica.",)),
+    ("rest of streaming (Response.stream, RequestStream.get)", ("Response.stream", "RequestStream.")),
+    ("request admission (parse, validate, route, submit)", ("_generate",)),
+    ("HTTP server (aiohttp request handling, auth)", ("aiohttp/", "daemon/auth.py", "daemon/httpserver.py")),
+    ("uvloop's C code (no Python frame)", ("(uvloop, no Python frame)",)),
+)
+
+
+def _area(names: list[str]) -> str:
+    for area, markers in AREAS:
+        if any(marker in name for name in names for marker in markers):
+            return area
+    return "other"
+
+
+def summarize_py_spy(path: Path, cpu_s: float = 0.0, steps: int = 1, tokens: int = 1, top: int = 25) -> str:
+    """Shares of the daemon's samples by area, by file and by function, without start-up. Areas also get the
+    daemon's measured CPU time (cpu_s over the run's steps and output tokens) split by those shares."""
+    own, inclusive, by_file, areas, total, startup = Counter(), Counter(), Counter(), Counter(), 0, 0
     for line in path.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
@@ -209,13 +237,19 @@ def summarize_py_spy(path: Path, top: int = 25) -> str:
             startup += n
             continue
         total += n
-        names = [f.split(":")[0] + ")" if ":" in f else f for f in frames]  # drop line numbers
+        # drop line numbers; a sample without Python frames is uvloop's own C code (polling, transports)
+        names = [f.split(":")[0] + ")" if ":" in f else f for f in frames if f] or ["(uvloop, no Python frame)"]
         own[names[-1]] += n
         for name in set(names):
             inclusive[name] += n
         by_file[_file_of(names[-1])] += n
+        areas[_area(names)] += n
     lines = [f"py-spy: {total} samples of the daemon's busy threads while serving, {startup} more in start-up "
-             f"({path})", "", "self time by file:"]
+             f"({path})", "", f"by area: share, daemon CPU ms per step ({1000 * cpu_s / steps:.2f} in all), "
+             f"µs per output token ({1e6 * cpu_s / tokens:.1f} in all):"]
+    lines += [f"  {100 * n / total:5.1f}%  {1000 * cpu_s * n / total / steps:6.2f} ms  "
+              f"{1e6 * cpu_s * n / total / tokens:5.1f} µs  {name}" for name, n in areas.most_common()]
+    lines += ["", "self time by file:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in by_file.most_common(top)]
     lines += ["", "self time by function:"]
     lines += [f"  {100 * n / total:5.1f}%  {name}" for name, n in own.most_common(top)]
@@ -247,7 +281,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
             f"| {r['steps'] / r['duration_s']:.1f} | {r['output_tokens'] / steps:.1f} "
             f"| {1000 * r['daemon_cpu_s'] / steps:.2f} "
             f"| {r['daemon_cpu_s']:.1f} / {r['worker_cpu_s']:.1f} / {r['client_cpu_s']:.1f} / "
-            f"{r['others_cpu_s']:.1f} |")
+            f"{max(0.0, r['others_cpu_s']):.1f} |")  # ±1 s: tick rounding
     return "\n".join(lines)
 
 

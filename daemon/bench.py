@@ -63,6 +63,8 @@ class TextTokenizer(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class BenchConfig:
+    """What one `nimbus bench` run sends, and where."""
+
     base_url: str = "http://127.0.0.1:8000/v1"
     model: str | None = None  # None: the first id GET /models lists
     api_key: str | None = None
@@ -89,8 +91,10 @@ class BenchConfig:
             raise ValueError(f"endpoint must be one of {', '.join(ENDPOINTS)}")
         if self.workload not in WORKLOADS:
             raise ValueError(f"workload must be one of {', '.join(WORKLOADS)}")
-        if min(self.num_requests, self.input_len, self.output_len) <= 0 or self.warmup < 0:
-            raise ValueError("num_requests, input_len and output_len must be positive, warmup >= 0")
+        if min(self.num_requests, self.input_len, self.output_len, 1 if self.max_concurrency is None else self.max_concurrency) <= 0:
+            raise ValueError("num_requests, input_len, output_len and max_concurrency must be positive")
+        if min(self.warmup, self.prefix_len) < 0:
+            raise ValueError("warmup and prefix_len must not be negative")
         if self.workload == "poisson" and not (self.rate and self.rate > 0):
             raise ValueError("the poisson workload needs --rate > 0")
         if self.workload == "sweep" and not (self.rates and min(self.rates) > 0):

@@ -258,3 +258,10 @@ def test_cli_prints_the_table_and_writes_json_and_plot(tmp_path):
     run = report["runs"][0]
     assert run["summary"]["failed"] == 2 and len(run["requests"]) == 6
     assert (tmp_path / "out.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("bad", [dict(workload="poisson"), dict(workload="sweep"), dict(endpoint="chat", token_prompts=True),
+                                 dict(max_concurrency=0), dict(num_requests=0), dict(workload="nope")])
+def test_config_refuses_what_cannot_run(bad):
+    with pytest.raises(ValueError):
+        BenchConfig(**bad)
