@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import logging
 import time
@@ -186,6 +187,12 @@ class Engine:
                  hello.block_size, hello.max_model_len)
         self.replica_added.set()
         self._place_orphans()
+        # A block pool is up to millions of long-lived objects: keep full collections from walking them
+        # again and again (each walk stalled every stream for ~0.1 s in a profile). Registrations are
+        # rare, so collect once first, which also frees the pools of replicas that are gone.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
 
     # ------------------------------------------------------------------ health and failover
     async def health_loop(self) -> None:

@@ -66,6 +66,9 @@ class Metrics:
         self.preemptions = Counter("nimbus_preemptions", "Sequences preempted for lack of KV blocks.",
                                    ("worker",), registry=r)
 
+    def for_replica(self, deployment: str, version: str, worker: str) -> ReplicaMetrics:
+        return ReplicaMetrics(self, (deployment, version), worker)
+
     def bind(self, engine: Engine, slots: Callable[[], dict[str, dict[str, object]]] | None = None) -> None:
         self.registry.register(_LiveState(engine, slots))
 
@@ -74,6 +77,18 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ReplicaMetrics:
+    """One replica's labelled series, looked up once: the step loop observes them for every token."""
+
+    def __init__(self, metrics: Metrics, labels: tuple[str, str], worker: str) -> None:
+        self.ttft, self.itl = metrics.ttft.labels(*labels), metrics.itl.labels(*labels)
+        self.e2e, self.queue = metrics.e2e.labels(*labels), metrics.queue.labels(*labels)
+        self.prefill = metrics.prefill.labels(*labels)
+        self.generation_tokens = metrics.generation_tokens.labels(*labels)
+        self.step, self.batch_tokens = metrics.step.labels(worker), metrics.batch_tokens.labels(worker)
+        self.preemptions = metrics.preemptions.labels(worker)
 
 
 class _LiveState(Collector):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from daemon.metrics import Metrics
+from daemon.metrics import Metrics, ReplicaMetrics
 from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher
 from protocol.messages import Error, Hello, StepResult
@@ -100,8 +100,9 @@ class Replica:
     def __init__(self, hello: Hello, identity: bytes, endpoint: RouterEndpoint, config: SchedulerConfig,
                  incarnation: int, metrics: Metrics | None = None, deployment: str = "") -> None:
         self.hello = hello
-        self.metrics = metrics
         self.labels = (deployment, hello.model_version or "default")
+        self.metrics: ReplicaMetrics | None = (
+            metrics.for_replica(*self.labels, hello.worker_id) if metrics is not None else None)
         self.identity = identity
         self.endpoint = endpoint
         self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
@@ -182,12 +183,11 @@ class Replica:
             finally:
                 self.in_flight = None
             self.steps += 1
-            if self.metrics is not None:
-                m, wid = self.metrics, self.worker_id
-                m.step.labels(wid).observe(time.monotonic() - self.in_flight_started)
-                m.batch_tokens.labels(wid).observe(plan.num_batched_tokens)
+            if (m := self.metrics) is not None:
+                m.step.observe(time.monotonic() - self.in_flight_started)
+                m.batch_tokens.observe(plan.num_batched_tokens)
                 if plan.preempted_seq_ids:
-                    m.preemptions.labels(wid).inc(len(plan.preempted_seq_ids))
+                    m.preemptions.inc(len(plan.preempted_seq_ids))
             for update in updates:
                 self._emit(update)
 
@@ -198,18 +198,18 @@ class Replica:
             if track is not None and track.first_scheduled is None:
                 track.first_scheduled = now
                 if self.metrics is not None:
-                    self.metrics.queue.labels(*self.labels).observe(now - track.created)
+                    self.metrics.queue.observe(now - track.created)
 
     def _observe_tokens(self, track: Track, count: int) -> None:
         now = time.monotonic()
         m = self.metrics
         if m is not None:
             if track.first_token is None:
-                m.ttft.labels(*self.labels).observe(now - track.created)
-                m.prefill.labels(*self.labels).observe(now - (track.first_scheduled or track.created))
+                m.ttft.observe(now - track.created)
+                m.prefill.observe(now - (track.first_scheduled or track.created))
             elif track.last_token is not None:
-                m.itl.labels(*self.labels).observe(now - track.last_token)
-            m.generation_tokens.labels(*self.labels).inc(count)
+                m.itl.observe(now - track.last_token)
+            m.generation_tokens.inc(count)
         if track.first_token is None:
             track.first_token = now
         track.last_token = now
@@ -241,4 +241,4 @@ class Replica:
         if finish is not None:
             del self.tracks[seq.seq_id]
             if self.metrics is not None:
-                self.metrics.e2e.labels(*self.labels).observe(time.monotonic() - track.created)
+                self.metrics.e2e.observe(time.monotonic() - track.created)
