@@ -75,18 +75,19 @@ class VLLM:
     def __enter__(self) -> VLLM:
         log = (self.out / "vllm.log").open("a")
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32"]
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+               "--enable-prompt-tokens-details"]  # usage reports prefix-cache hits (cached tokens), as Nimbus does
         start = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, **VLLM_ENV})
         while time.monotonic() - start < 900:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited ({self.proc.returncode}); see {log.name}")
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
-                    if json.loads(resp.read())["data"]:
-                        self.startup_s = time.monotonic() - start
-                        return self
+            with contextlib.suppress(OSError, ValueError), \
+                    urllib.request.urlopen(self.url + "/v1/models", timeout=5) as resp:
+                if json.loads(resp.read())["data"]:
+                    self.startup_s = time.monotonic() - start
+                    return self
             time.sleep(1)
         self.__exit__()
         raise TimeoutError("vLLM not ready in 900 s")
@@ -107,11 +108,9 @@ class VLLM:
 class Nimbus(Server):
     """`nimbus serve` with one worker on the default model (bench/serve.py's Server), timed to ready."""
 
-    name = "nimbus"
-
     def __init__(self, out: Path) -> None:
         super().__init__(out, workers=1, null_model=False)
-        self.startup_s = 0.0
+        self.name, self.startup_s = "nimbus", 0.0  # also names its config and log in out/
 
     @property
     def sid(self) -> int:
@@ -239,7 +238,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="tiny counts: check both servers and ignore_eos")
     parser.add_argument("--repeat", action="store_true", help="a second burst on each server at the end")
     parser.add_argument("--order", choices=("interleaved", "sequential"), default="interleaved")
-    parser.add_argument("--sweep-requests", type=int, default=24, help="requests per sweep rate")
+    parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep rate")
     parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     parser.add_argument("--model", default=str(Path("~/.cache/nimbus/models/SmolLM2-135M-Instruct").expanduser()))
     args = parser.parse_args()
