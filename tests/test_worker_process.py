@@ -1,0 +1,96 @@
+"""A real `nimbus worker` process against a daemon played by the test: leases, re-registration, orphaning."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from daemon.models import pull
+from protocol.messages import (
+    Error,
+    Heartbeat,
+    Hello,
+    NewSequence,
+    SamplingParams,
+    Step,
+    StepResult,
+    Welcome,
+    decode,
+    encode,
+    pack_ints,
+)
+
+
+@pytest.fixture
+def router(tmp_path):
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    address = f"ipc://{tmp_path}/daemon.sock"
+    sock.bind(address)
+    yield sock, address
+    sock.close()
+    ctx.term()
+
+
+def start_worker(address: str, *args: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", address, "--model", str(pull()),
+           "--null-model", "--worker-id", "w1", *args]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def next_message(sock: zmq.Socket, want: type, timeout: float = 20.0) -> tuple[bytes, object, float]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if sock.poll(100):
+            identity, frame = sock.recv_multipart()
+            msg = decode(frame)
+            if isinstance(msg, want):
+                return identity, msg, time.monotonic()
+    raise AssertionError(f"no {want.__name__} within {timeout}s")
+
+
+def test_a_worker_without_echoes_drops_its_work_and_registers_again(router):
+    sock, address = router
+    worker = start_worker(address, "--lease", "1.5")
+    try:
+        identity, hello, _ = next_message(sock, Hello)
+        assert hello.incarnation == 0
+        sock.send_multipart([identity, encode(Welcome(worker_id="w1", incarnation=7, epoch="e1",
+                                                      heartbeat_interval=0.2))])
+        seq = NewSequence(1, pack_ints([5, 6, 7]), 3, 0, pack_ints([0]), SamplingParams(temperature=0.0))
+        sock.send_multipart([identity, encode(Step(step_id=0, new_seqs=(seq,), seq_ids=pack_ints([1]),
+                                                   num_tokens=pack_ints([3])))])
+        _, result, _ = next_message(sock, StepResult)
+        assert result.incarnation == 7 and result.step_id == 0
+        # from now on the test echoes no heartbeat: the worker's lease (1.5 s) runs out
+        _, beat, silent_since = next_message(sock, Heartbeat)
+        assert beat.incarnation == 7 and beat.worker_id == "w1"
+        _, again, at = next_message(sock, Hello)
+        assert again.incarnation == 7  # the same process, registering again
+        assert 1.0 < at - silent_since < 6.0
+        sock.send_multipart([identity, encode(Welcome(worker_id="w1", incarnation=8, epoch="e2"))])
+        # its old sequence is gone: a decode step for it is refused, not computed on stale state
+        sock.send_multipart([identity, encode(Step(step_id=1, seq_ids=pack_ints([1]), num_tokens=pack_ints([1])))])
+        _, err, _ = next_message(sock, Error)
+        assert err.code == "bad_step" and err.step_id == 1
+    finally:
+        worker.kill()
+        worker.wait(timeout=10)
+
+
+def test_a_worker_without_any_daemon_exits_after_its_orphan_timeout(router):
+    sock, address = router
+    t0 = time.monotonic()
+    worker = start_worker(address, "--orphan-timeout", "3")
+    try:
+        assert worker.wait(timeout=60) == 0
+        assert time.monotonic() - t0 > 3
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=10)
