@@ -165,6 +165,11 @@ class Engine:
             with contextlib.suppress(zmq.ZMQError):
                 self.endpoint.send(identity, Error(code="wrong_model", message=f"this daemon serves {self.model_path}"))
             return
+        old = self.replicas.get(hello.worker_id)
+        if old is not None and old.alive and old.hello.pid == hello.pid and hello.incarnation != old.incarnation:
+            # A Hello the same process sent before its current Welcome reached it (queued while no daemon
+            # listened): it is registered already, and re-registering would drop its work for nothing.
+            return
         try:
             replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations),
                           self.metrics, self.deployment)
@@ -173,7 +178,6 @@ class Engine:
             with contextlib.suppress(zmq.ZMQError):
                 self.endpoint.send(identity, Error(code="bad_hello", message=str(exc)))
             return
-        old = self.replicas.get(hello.worker_id)
         self.replicas[hello.worker_id] = replica
         if old is not None and old.alive:  # it came back (new process, or lost its lease): its old state is gone
             self._fail_replica(old, "registered again", kill=False)

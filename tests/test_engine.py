@@ -580,3 +580,23 @@ async def test_drain_waits_for_in_flight_work_and_tells_workers(tmp_path, model)
         started = time.monotonic()
         assert await asyncio.wait_for(h.engine.drain(0.3), 3.0) is False
         assert time.monotonic() - started >= 0.3
+
+
+async def test_hellos_sent_before_the_current_welcome_are_ignored(tmp_path, model):
+    # a worker queues a Hello a second while no daemon listens; they arrive after its registration
+    async with harness(tmp_path, model, **STEADY) as h:
+        a = await h.registered("A")
+        a.delay_s = 0.01
+        replica = h.engine.replicas["A"]
+        reader, _, _ = h.submit(PROMPT)
+        await reader.until(3)
+        a.send(dataclasses.replace(a.hello(), incarnation=0))  # from before its first Welcome
+        a.send(dataclasses.replace(a.hello(), incarnation=a.incarnation + 5))  # from a daemon before this one
+        out = await reader.finish()
+        assert out.tokens == expected_tokens(PROMPT, MAX_TOKENS)
+        assert h.engine.replicas["A"] is replica and replica.alive
+        assert h.engine.counters["worker_deaths"] == 0
+        # the same process saying Hello with its current incarnation lost its lease: that one re-registers
+        a.send(a.hello())
+        await until(lambda: h.engine.replicas["A"] is not replica, what="the re-registration")
+        assert h.engine.counters["worker_deaths"] == 1
