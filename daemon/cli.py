@@ -18,6 +18,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "pull": ("daemon.models", "install a model (the default: SmolLM2-135M-Instruct) into the cache"),
     "bench": ("daemon.bench", "load-test an OpenAI-compatible server: TTFT, inter-token latency, throughput"),
     "keys": ("protocol.keys", "make CURVE key pairs for daemon-worker links over TCP"),
+    "deployments": ("daemon.admin_cli", "list, show, create, update and delete deployments (admin API)"),
+    "rollout": ("daemon.admin_cli", "start a rolling update or canary; status, pause, resume, abort, promote"),
 }
 
 
@@ -34,6 +36,8 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
 def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--connect", required=True, help="daemon address, e.g. tcp://HOST:PORT or ipc://PATH")
     p.add_argument("--model", default=None, help="checkpoint folder or a name `nimbus pull` knows")
+    p.add_argument("--idle", action="store_true",
+                   help="start holding no model: the daemon sends the model to load (what its deployments need)")
     p.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if available, else cpu)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default per device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
@@ -98,12 +102,22 @@ def _add_keys(p: argparse.ArgumentParser) -> None:
                    help="the daemon's pair; also makes the authorized/ folder for worker public keys")
 
 
+def _add_admin(command: str) -> Callable[[argparse.ArgumentParser], None]:
+    def add(p: argparse.ArgumentParser) -> None:
+        from daemon.admin_cli import add_arguments  # standard library only: keeps --help instant
+
+        add_arguments(p, command)
+    return add
+
+
 _ARGUMENTS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "serve": _add_serve,
     "worker": _add_worker,
     "pull": _add_pull,
     "bench": _add_bench,
     "keys": _add_keys,
+    "deployments": _add_admin("deployments"),
+    "rollout": _add_admin("rollout"),
 }
 
 
@@ -127,7 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         # names are resolved here so the worker package never imports daemon code
         from daemon.models import resolve_model
 
-        args.model = str(resolve_model(args.model, pull=True))
+        if args.idle and args.model:
+            parser.error("--idle and --model exclude each other")
+        args.model = None if args.idle else str(resolve_model(args.model, pull=True))
     module = importlib.import_module(_COMMANDS[args.command][0])
     return int(module.run(args) or 0)
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from daemon.deployments import DeploymentError, DeploymentSpec, parse_deployments
 from daemon.scheduler import SchedulerConfig
 from protocol.transport import check_plain_link
 
@@ -89,11 +90,16 @@ class WorkersConfig:
     max_restarts: int = 5  # quick failures in a row before a local worker is left down (crash loop)
     restart_backoff_s: float = 1.0  # first restart delay, doubled per quick failure (at most 30 s)
     fault: str | None = None  # fault injection for tests and drills (see worker/faults.py)
+    # local workers a rollout may start beyond `count` (surge replicas); None: 1 on a CPU host, 0 on GPUs
+    max_extra: int | None = None
+    load_timeout_s: float = 300.0  # a worker told to load a model must serve it within this
 
     def __post_init__(self) -> None:
+        if self.max_extra is not None and self.max_extra < 0:
+            raise ConfigError("workers.max_extra must be >= 0")
         if self.count is not None and self.count < 0:
             raise ConfigError("workers.count must be >= 0")
-        _positive(self, "block_size", "startup_timeout_s", "step_timeout_s", "heartbeat_interval_s",
+        _positive(self, "block_size", "startup_timeout_s", "step_timeout_s", "heartbeat_interval_s", "load_timeout_s",
                   "heartbeat_timeout_s", "lease_s", "orphan_timeout_s", "restart_backoff_s")
         if self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ConfigError("workers.heartbeat_timeout_s must exceed workers.heartbeat_interval_s")
@@ -102,14 +108,28 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """Deployments' control loop and state (daemon/control.py)."""
+
+    state_db: str | None = None  # SQLite file; default $STATE_DIRECTORY/nimbus.db or ~/.local/state/nimbus/nimbus.db
+    interval_s: float = 1.0  # how often rollouts step and replicas are reconciled
+
+    def __post_init__(self) -> None:
+        _positive(self, "interval_s")
+
+
+@dataclass(frozen=True, slots=True)
 class NimbusConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    # [[deployments]]: what to serve; none configured = one deployment of [model] (daemon/serve.py)
+    deployments: tuple[DeploymentSpec, ...] = ()
 
 
-_SECTIONS = {f.name: f.default_factory for f in fields(NimbusConfig)}  # type: ignore[misc]
+_SECTIONS = {f.name: f.default_factory for f in fields(NimbusConfig) if f.name != "deployments"}  # type: ignore[misc]
 
 
 def _check_bind(bind: str, keys_dir: str | None, allow_plain_tcp: bool) -> None:
@@ -150,16 +170,21 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict[str, dict
             raw = tomllib.loads(Path(path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"cannot read config {path}: {exc}") from None
+    try:
+        deployments = parse_deployments(raw.pop("deployments", []))
+    except DeploymentError as exc:
+        raise ConfigError(f"[[deployments]]: {exc}") from None
     unknown = set(raw) - set(_SECTIONS)
     if unknown:
-        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))} (known: {', '.join(_SECTIONS)})")
+        raise ConfigError(f"unknown section(s): {', '.join(sorted(unknown))} "
+                          f"(known: {', '.join(_SECTIONS)}, deployments)")
     sections = {}
     for name, factory in _SECTIONS.items():
         values = dict(raw.get(name, {}))
         values.update({k: v for k, v in (overrides or {}).get(name, {}).items() if v is not None})
         default = factory()
         sections[name] = _section(type(default), values, name) if values else default
-    return NimbusConfig(**sections)
+    return NimbusConfig(**sections, deployments=deployments)
 
 
 def with_overrides(config: NimbusConfig, section: str, **values: Any) -> NimbusConfig:

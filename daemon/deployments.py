@@ -40,6 +40,7 @@ class VersionSpec:
     weight: float = 100.0  # relative to the deployment's other versions; 0 = no traffic
     max_model_len: int | None = None
     dtype: str | None = None
+    fault: str | None = None  # fault injection for this version's replicas: drills and tests (worker/faults.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.version, str) or not _VERSION_NAME.fullmatch(self.version):
@@ -55,6 +56,15 @@ class VersionSpec:
             raise DeploymentError(f"version {self.version}: max_model_len must be a positive int")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise DeploymentError(f"version {self.version}: dtype must be one of {', '.join(DTYPES)}")
+        if self.fault is not None:
+            from worker.faults import Faults  # no torch: the daemon may check a fault spec
+
+            if not isinstance(self.fault, str):
+                raise DeploymentError(f"version {self.version}: fault must be a string")
+            try:
+                Faults.parse(self.fault)
+            except ValueError as exc:
+                raise DeploymentError(f"version {self.version}: fault: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -160,7 +170,8 @@ def check_spec_update(old: DeploymentSpec, new: DeploymentSpec) -> None:
             before = old.version(v.version)
         except KeyError:
             continue
-        if (before.model, before.dtype, before.max_model_len) != (v.model, v.dtype, v.max_model_len):
+        if (before.model, before.dtype, before.max_model_len, before.fault) != (v.model, v.dtype, v.max_model_len,
+                                                                                v.fault):
             raise DeploymentError(f"deployment {new.name}: version {v.version} already names {before.model}; "
                                   "serve a different checkpoint or setting as a new version (start a rollout)")
 

@@ -98,11 +98,14 @@ class InFlight:
 
 class Replica:
     def __init__(self, hello: Hello, identity: bytes, endpoint: RouterEndpoint, config: SchedulerConfig,
-                 incarnation: int, metrics: Metrics | None = None, deployment: str = "") -> None:
+                 incarnation: int, metrics: Metrics | None = None) -> None:
         self.hello = hello
-        self.labels = (deployment, hello.model_version or "default")
-        self.metrics: ReplicaMetrics | None = (
-            metrics.for_replica(*self.labels, hello.worker_id) if metrics is not None else None)
+        self._all_metrics = metrics
+        # which deployment version this worker serves as which replica (engine.assign); None: a spare
+        self.replica_id: str | None = None
+        self.labels = ("", "")  # (deployment, version)
+        self.draining = False  # out of rotation: finishes what it holds, takes nothing new
+        self.metrics: ReplicaMetrics | None = None
         self.identity = identity
         self.endpoint = endpoint
         self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
@@ -121,6 +124,24 @@ class Replica:
     @property
     def worker_id(self) -> str:
         return self.hello.worker_id
+
+    @property
+    def queued_tokens(self) -> int:  # routing.ReplicaCandidate
+        return self.scheduler.queued_tokens
+
+    def prefix_match_tokens(self, token_ids: list[int]) -> int:
+        return self.scheduler.prefix_match_tokens(token_ids)
+
+    @property
+    def idle(self) -> bool:
+        """Holds no request and runs no step (a draining replica in this state is drained)."""
+        return not self.tracks and self.in_flight is None
+
+    def assign(self, replica_id: str | None, deployment: str = "", version: str = "") -> None:
+        """Serve (deployment, version) as `replica_id`, or, with None, become a spare holding its model."""
+        self.replica_id, self.labels, self.draining = replica_id, (deployment, version), False
+        m = self._all_metrics
+        self.metrics = m.for_replica(deployment, version, self.worker_id) if m is not None and replica_id else None
 
     def add(self, track: Track) -> None:
         track.version = self.labels[1]

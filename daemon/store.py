@@ -16,7 +16,7 @@ from typing import Any
 from daemon.deployments import DeploymentSpec, Log, VersionSpec
 from daemon.rollouts import Deployment, rollout_from_dict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: versions.fault
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS deployments (
@@ -34,6 +34,7 @@ CREATE TABLE IF NOT EXISTS versions (
     weight REAL NOT NULL,
     max_model_len INTEGER,
     dtype TEXT,
+    fault TEXT,
     PRIMARY KEY (deployment, version)
 );
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -126,6 +127,9 @@ class Store:
                 db.execute("INSERT INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
             elif int(row[0]) > SCHEMA_VERSION:
                 raise StoreError(f"{self.path} has schema {row[0]}; this Nimbus knows up to {SCHEMA_VERSION}")
+            elif int(row[0]) < 2:
+                db.execute("ALTER TABLE versions ADD COLUMN fault TEXT")
+                db.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION),))
 
     def save(self, dep: Deployment, decisions: Iterable[Log] = (), now: float = 0.0) -> None:
         """Write one deployment (spec and rollout) and append `decisions`, all or nothing."""
@@ -135,8 +139,9 @@ class Store:
                        " ON CONFLICT (name) DO UPDATE SET min_replicas = excluded.min_replicas,"
                        " updated_at = excluded.updated_at", (spec.name, spec.min_replicas, now))
             db.execute("DELETE FROM versions WHERE deployment = ?", (spec.name,))
-            db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                           [(spec.name, v.version, i, v.model, v.replicas, v.weight, v.max_model_len, v.dtype)
+            db.executemany("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           [(spec.name, v.version, i, v.model, v.replicas, v.weight, v.max_model_len, v.dtype,
+                             v.fault)
                             for i, v in enumerate(spec.versions)])
             if rollout is not None:
                 db.execute("INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
@@ -155,7 +160,7 @@ class Store:
 
     def _load_one(self, db: sqlite3.Connection, name: str) -> Deployment:
         (min_replicas,) = db.execute("SELECT min_replicas FROM deployments WHERE name = ?", (name,)).fetchone()
-        rows = db.execute("SELECT version, model, replicas, weight, max_model_len, dtype FROM versions"
+        rows = db.execute("SELECT version, model, replicas, weight, max_model_len, dtype, fault FROM versions"
                           " WHERE deployment = ? ORDER BY position", (name,))
         spec = DeploymentSpec(name, tuple(VersionSpec(*row) for row in rows), min_replicas)
         row = db.execute("SELECT machine FROM rollouts WHERE deployment = ? ORDER BY created_at DESC, rowid DESC"

@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from daemon.config import WorkersConfig
 from protocol.keys import local_keys_dir
@@ -93,20 +93,24 @@ class Slot:
 class LocalWorkers:
     """Starts, watches and restarts the daemon's own worker processes."""
 
-    def __init__(self, config: WorkersConfig, address: str, model: str, max_model_len: int | None,
-                 on_exit: Callable[[str, str], None] | None = None, log_format: str = "json") -> None:
+    def __init__(self, config: WorkersConfig, address: str, on_exit: Callable[[str, str], None] | None = None,
+                 log_format: str = "json", count: int | None = None) -> None:
         self.config = config
         self.log_format = log_format
         self.address = address
-        self.model = model
-        self.max_model_len = max_model_len
         self.on_exit = on_exit
-        self.slots = {spec.worker_id: Slot(spec) for spec in plan_workers(config)}
+        planned = plan_workers(replace(config, count=config.count if config.count is not None else count))
+        self.slots = {spec.worker_id: Slot(spec) for spec in planned}
+        self.planned = len(planned)
+        # extra workers a rollout may start (a surge replica) on a CPU host; GPU hosts have one per device
+        extra = config.max_extra if config.max_extra is not None else int(bool(planned) and planned[0].device == "cpu")
+        self.max_count = self.planned + extra
         self.stopping = False
 
     def command(self, spec: WorkerSpec) -> list[str]:
         c = self.config
-        cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", self.address, "--model", self.model,
+        # workers start holding no model: the daemon sends each the model its deployments need (Load)
+        cmd = [sys.executable, "-m", "daemon.cli", "worker", "--connect", self.address, "--idle",
                "--worker-id", spec.worker_id, "--device", spec.device, "--kv-cache-memory", c.kv_cache_memory,
                "--block-size", str(c.block_size), "--lease", str(c.lease_s),
                "--orphan-timeout", str(c.orphan_timeout_s), "--log-format", self.log_format]
@@ -118,15 +122,13 @@ class LocalWorkers:
             cmd.append("--null-model")
         if c.fault:
             cmd += ["--fault", c.fault]
-        if self.max_model_len:
-            cmd += ["--max-model-len", str(self.max_model_len)]
         if c.keys_dir:  # the daemon's socket speaks CURVE: the pair it keeps beside the socket (daemon/serve.py)
             cmd += ["--keys", str(local_keys_dir(self.address.removeprefix("ipc://")))]
         return cmd
 
     async def start(self, adopted: dict[str, int] | None = None) -> None:
         """Start every planned worker, except those already running (id -> pid) from an earlier daemon."""
-        for worker_id, slot in self.slots.items():
+        for worker_id, slot in list(self.slots.items()):
             pid = (adopted or {}).get(worker_id)
             if pid is not None:
                 slot.pid, slot.state, slot.started_at = pid, "running", time.monotonic()
@@ -176,6 +178,38 @@ class LocalWorkers:
         if not self.stopping:
             slot.restarts += 1
             await self._spawn(slot)
+
+    async def add(self) -> str | None:
+        """Start one more local worker (a replica is waiting for one); None at the `max_count` cap."""
+        if self.stopping or len(self.slots) >= self.max_count:
+            return None
+        first = next(iter(self.slots.values())).spec if self.slots else plan_workers(replace(self.config, count=1))[0]
+        n = len(self.slots)
+        while f"local-{n}" in self.slots:
+            n += 1
+        spec = WorkerSpec(f"local-{n}", first.device, first.threads)
+        self.slots[spec.worker_id] = slot = Slot(spec)
+        await self._spawn(slot)
+        return spec.worker_id
+
+    async def retire(self, worker_id: str) -> None:
+        """Stop a worker for good (a spare beyond the planned count): it is not restarted."""
+        slot = self.slots.pop(worker_id, None)
+        if slot is None:
+            return
+        log.info("retiring spare worker %s", worker_id)
+        if slot.task is not None:
+            slot.task.cancel()
+        if slot.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(slot.pid, signal.SIGTERM)
+        if slot.proc is not None:
+            try:
+                await asyncio.wait_for(slot.proc.wait(), 10)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(slot.proc.pid, signal.SIGKILL)
+                await slot.proc.wait()
 
     def kill(self, worker_id: str, pid: int, reason: str) -> None:
         """Kill a worker declared dead (hung, silent); its watcher then restarts it."""

@@ -183,11 +183,12 @@ class Welcome:
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    """daemon -> worker: load this model and version."""
+    """daemon -> worker: drop the model held (if any) and load this one, then say Hello again as `version`."""
     model: str
     version: str = ""
     dtype: str | None = None
     max_model_len: int | None = None
+    fault: str | None = None  # fault injection for this version's replicas (tests and drills; worker/faults.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,7 +369,8 @@ _SCHEMAS: dict[type, dict[str, Checker]] = {
         "worker_id": _STR, "incarnation": _COUNT, "epoch": _STR,
         "heartbeat_interval": _float(0.0, lo_open=True),
     },
-    Load: {"model": _STR, "version": _STR, "dtype": _optional(_STR), "max_model_len": _optional(_int(1))},
+    Load: {"model": _STR, "version": _STR, "dtype": _optional(_STR), "max_model_len": _optional(_int(1)),
+           "fault": _optional(_STR)},
     Drain: {"deadline_s": _optional(_float())},
     Shutdown: {},
 }

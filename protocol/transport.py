@@ -193,7 +193,8 @@ class DealerEndpoint:
                 self.sock.disconnect(self.address)
             self.sock.connect(self.address)
 
-    def close(self) -> None:
+    def close(self, linger_ms: int = 0) -> None:
+        """`linger_ms`: how long queued messages may still go out (a last Error before exiting)."""
         self.sock.disable_monitor()
         self.monitor.close(linger=0)
-        self.sock.close(linger=0)
+        self.sock.close(linger=linger_ms)

@@ -1,6 +1,12 @@
-"""Shared test set-up: the tests folder on sys.path (for tiny_models), and fixed torch threads."""
+"""Shared test set-up: the tests folder on sys.path (for tiny_models), and a private state folder."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Daemons started by tests keep their deployments database under $XDG_STATE_HOME: never the user's own.
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="nimbus-test-state-")
+os.environ.pop("STATE_DIRECTORY", None)

@@ -60,6 +60,8 @@ class NimbusServer:
         assert self.tmp is not None
         cfg = self.tmp / f"nimbus-{self.port}.toml"
         text = with_setting(self.config_text, "workers", f'runtime_dir = "{self.tmp}/run"')
+        # each server its own state database: deployments saved by one test must not reach another
+        text = with_setting(text, "control", f'state_db = "{self.tmp}/state-{self.port}.db"')
         cfg.write_text(with_setting(text, "server", f'admin_keys = ["{ADMIN_KEY}"]'))
         self.log_path = self.tmp / f"serve-{self.port}-{time.monotonic_ns()}.log"
         cmd = [sys.executable, "-m", "daemon.cli", "serve", self.model, "--port", str(self.port),

@@ -176,3 +176,29 @@ def test_judge_outcomes():
     assert "error_rate 0.1 > 0.05" in bad.breaches[0] and "1.5x stable" in bad.breaches[1]
     # a stable version with too few requests cannot be compared against: only absolute limits apply
     assert judge(slo, VersionStats(200, 0, 9.0, 0.01), VersionStats(5, 0, 0.1, 0.01), 100).outcome == "ok"
+
+
+def test_the_example_config_loads_with_and_without_its_deployments_block(tmp_path):
+    from pathlib import Path
+
+    from daemon.config import ConfigError, load_config
+
+    example = Path(__file__).resolve().parent.parent / "systemd" / "nimbus.toml"
+    assert load_config(example).deployments == ()  # commented out: the deployment of [model]
+    text = example.read_text()
+    block = text[text.index("# [[deployments]]"):]
+    enabled = text.replace(block, "\n".join(line.removeprefix("# ") for line in block.splitlines()))
+    (tmp_path / "on.toml").write_text(enabled)
+    (spec,) = load_config(tmp_path / "on.toml").deployments
+    assert spec.name == "chat" and spec.min_replicas == 2 and spec.version("v1").replicas == 2
+    (tmp_path / "bad.toml").write_text(enabled.replace("replicas = 2\n", "replicas = -1\n"))
+    with pytest.raises(ConfigError, match="replicas"):
+        load_config(tmp_path / "bad.toml")
+
+
+def test_fault_settings_are_checked_where_the_version_is_defined():
+    assert VersionSpec("v", "/m", fault="error-rate=0.5").fault == "error-rate=0.5"
+    with pytest.raises(DeploymentError, match="unknown fault"):
+        VersionSpec("v", "/m", fault="explode=1")
+    with pytest.raises(DeploymentError, match="string"):
+        VersionSpec("v", "/m", fault=3)  # type: ignore[arg-type]

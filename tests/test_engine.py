@@ -22,6 +22,8 @@ import zmq
 import zmq.asyncio
 from fake_worker import FakeWorker, has_token
 
+from daemon.control import Control
+from daemon.deployments import DeploymentSpec, VersionSpec
 from daemon.engine import Engine, HealthConfig
 from daemon.models import pull
 from daemon.replica import RequestStream
@@ -40,6 +42,8 @@ from protocol.messages import (
 )
 from protocol.transport import RouterEndpoint
 from worker.null import FIRST_TOKEN, NUM_TOKENS, NullRunner
+
+DEPLOYMENT = "test"
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
@@ -141,13 +145,17 @@ class Harness:
         self.ctx = zmq.asyncio.Context()
         endpoint = RouterEndpoint(self.ctx)
         self.address = endpoint.bind(f"ipc://{tmp_path}/nimbus.sock")
-        self.engine = Engine(endpoint, model.folder, model.tokenizer, scheduler, health)
+        self.engine = Engine(endpoint, scheduler, health)
+        # one deployment that every worker holding the model joins (as `nimbus serve` makes of [model])
+        self.control = Control(self.engine, None, resolve=Path)
+        self.control.elastic = DEPLOYMENT
         self.dead: list[tuple[str, int, str]] = []  # the supervisor's kill calls
         self.engine.on_dead = lambda worker_id, pid, reason: self.dead.append((worker_id, pid, reason))
         self.workers: list[FakeWorker] = []
         loop = asyncio.get_running_loop()
         self.tasks = [loop.create_task(self.engine.receive_loop(), name="receive"),
                       loop.create_task(self.engine.health_loop(), name="health")]
+        self.scheduler = scheduler
         self._pids = iter(range(1001, 2000))
         self.exceptions = ExceptionLog()
         logging.getLogger("nimbus").addHandler(self.exceptions)
@@ -165,8 +173,14 @@ class Harness:
         w = self.worker(worker_id, **kwargs)
         await w.wait_welcome()
         await until(lambda: self.engine.replicas.get(worker_id) is not None
-                    and self.engine.replicas[worker_id].incarnation == w.incarnation, what="registration")
+                    and self.engine.replicas[worker_id].incarnation == w.incarnation
+                    and self.engine.replicas[worker_id].replica_id is not None, what="registration")
         return w
+
+    async def start(self) -> None:
+        spec = DeploymentSpec(DEPLOYMENT, (VersionSpec("default", self.model.folder, replicas=0),))
+        await self.control.start((spec,))
+        self.tasks.append(asyncio.get_running_loop().create_task(self.control.run(0.02), name="control"))
 
     def raw_dealer(self, identity: bytes) -> zmq.asyncio.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -181,7 +195,7 @@ class Harness:
         seq = Sequence(seq_id=self.engine.new_seq_id(), prompt_token_ids=list(prompt),
                        sampling=SamplingParams(temperature=0.0, stop_token_ids=()), max_tokens=max_tokens)
         stream = RequestStream(1)
-        self.engine.submit(stream, prompt, seq, [], 0)
+        self.engine.submit(stream, DEPLOYMENT, "default", prompt, seq, [], 0)
         return Reader(stream), seq, self.replica_of(seq.seq_id)
 
     def replica_of(self, seq_id: int) -> str | None:
@@ -217,6 +231,7 @@ class Harness:
 async def harness(tmp_path: Path, model: Model, scheduler: SchedulerConfig | None = None,
                   **health: float) -> AsyncIterator[Harness]:
     h = Harness(tmp_path, model, dataclasses.replace(HEALTH, **health), scheduler or SchedulerConfig())
+    await h.start()
     try:
         yield h
     finally:
@@ -316,7 +331,7 @@ async def test_orphan_waits_for_a_worker_and_completes_there(tmp_path, model):
 
 
 async def test_orphan_fails_with_503_when_no_worker_comes_back(tmp_path, model):
-    async with harness(tmp_path, model) as h:
+    async with harness(tmp_path, model, **STEADY) as h:  # the crash is reported at once (supervised)
         a = await h.registered("A", supervised=True)
         a.delay_s = 0.01
         reader, seq, _ = h.submit(PROMPT)
@@ -482,12 +497,14 @@ async def test_heartbeats_are_echoed_and_unknown_ones_refused(tmp_path, model):
         assert (await reader.finish()).tokens == expected_tokens(PROMPT, 5)
 
 
-async def test_hello_with_another_model_is_refused(tmp_path, model):
+async def test_a_worker_holding_another_model_is_a_spare_not_a_replica(tmp_path, model):
     async with harness(tmp_path, model) as h:
         w = h.worker("B", model="/models/something-else")
-        await until(lambda: w.errors, what="an Error for the Hello")
-        assert w.errors[0].code == "wrong_model"
-        assert "B" not in h.engine.replicas and not h.engine.ready and not w.welcomed.is_set()
+        await w.wait_welcome()
+        await until(lambda: "B" in h.engine.replicas, what="B registered")
+        await asyncio.sleep(0.1)  # control rounds ran: B joins no deployment, and nothing routes to it
+        assert h.engine.replicas["B"].replica_id is None and not h.control.ready
+        assert h.engine.spares() == ["B"]
 
 
 async def test_hello_the_engine_cannot_use_is_refused_and_the_engine_keeps_working(tmp_path, model):

@@ -113,7 +113,8 @@ messages: st.SearchStrategy[Message] = st.one_of(
     st.builds(Error, code=TEXT, message=st.text(max_size=200), step_id=st.none() | COUNTS),
     st.builds(Welcome, worker_id=TEXT, incarnation=COUNTS, epoch=TEXT,
               heartbeat_interval=floats(0.0, 60.0, exclude_min=True)),
-    st.builds(Load, model=TEXT, version=TEXT, dtype=st.none() | TEXT, max_model_len=st.none() | st.integers(1, 2**63 - 1)),
+    st.builds(Load, model=TEXT, version=TEXT, dtype=st.none() | TEXT, max_model_len=st.none() | st.integers(1, 2**63 - 1),
+              fault=st.none() | TEXT),
     st.builds(Drain, deadline_s=st.none() | floats(0.0, 1e6)),
     st.just(Shutdown()),
 )

@@ -178,7 +178,7 @@ def test_daemon_unit_keeps_workers_across_a_crash():
 
 def test_worker_unit_is_one_instance_per_gpu():
     unit = unit_settings(UNITS / "nimbus-worker@.service")
-    assert unit["ExecStart"] == [f"{INSTALLED_NIMBUS} worker --connect ${{NIMBUS_HEAD}} --device cuda:%i "
+    assert unit["ExecStart"] == [f"{INSTALLED_NIMBUS} worker --connect ${{NIMBUS_HEAD}} --idle --device cuda:%i "
                                  "--keys /etc/nimbus/keys"]
     assert unit["EnvironmentFile"] == ["/etc/nimbus/worker.env"] and unit["Restart"] == ["always"]
 

@@ -8,12 +8,14 @@ main thread drops its work and registers again. Only monotonic clocks are compar
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -29,18 +31,22 @@ from worker.runner import ModelRunner, parse_size
 
 log = logging.getLogger("nimbus.worker")
 HELLO_RETRY_S = 1.0
+LOAD_FAILED_EXIT = 3
 
 
 class Worker:
     """The message loop around a step executor."""
 
-    def __init__(self, executor: StepExecutor | NullExecutor, address: str, worker_id: str, model_name: str,
+    def __init__(self, executor: StepExecutor | NullExecutor | None, address: str, worker_id: str, model_name: str,
                  lease_s: float = 5.0, orphan_timeout_s: float = 600.0, faults: Faults | None = None,
-                 curve: ClientKeys | None = None) -> None:
-        self.executor = executor
+                 curve: ClientKeys | None = None, loader: Loader | None = None, model_version: str = "") -> None:
+        self.executor = executor  # None: an idle worker, holding no model until the daemon sends Load
+        self.loader = loader  # builds an executor for a Load; None: this worker serves one model only
+        self.incarnation = executor.incarnation if executor is not None else 0
         self.address = address
         self.worker_id = worker_id
-        self.model_name = model_name
+        self.model_name = model_name if executor is not None else ""
+        self.model_version = model_version
         self.lease_s = lease_s
         self.orphan_timeout_s = orphan_timeout_s
         self.faults = faults or Faults()
@@ -54,14 +60,19 @@ class Worker:
         self.lost = threading.Event()  # set by the heartbeat thread: the daemon no longer knows us
         self.stop = threading.Event()
         self.last_contact = time.monotonic()
+        self.exit_code = 0
 
     def hello(self) -> Hello:
+        common = dict(worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(),
+                      incarnation=self.incarnation, state=self.state)
+        if self.executor is None:  # no model: the daemon sees an empty name and may send Load
+            return Hello(device="none", model="", model_version="", dtype="none", num_blocks=0, block_size=1,
+                         max_model_len=1, vocab_size=1, **common)
         r = self.executor.runner
         return Hello(
-            worker_id=self.worker_id, host=socket.gethostname(), pid=os.getpid(), device=str(r.device),
-            model=self.model_name, model_version="", dtype=str(r.dtype).removeprefix("torch."),
-            num_blocks=r.num_blocks, block_size=r.block_size, max_model_len=r.max_model_len,
-            vocab_size=r.config.vocab_size, incarnation=self.executor.incarnation, state=self.state,
+            device=str(r.device), model=self.model_name, model_version=self.model_version,
+            dtype=str(r.dtype).removeprefix("torch."), num_blocks=r.num_blocks, block_size=r.block_size,
+            max_model_len=r.max_model_len, vocab_size=r.config.vocab_size, **common,
         )
 
     def run(self) -> int:
@@ -76,7 +87,7 @@ class Worker:
                         log.warning("lost the daemon (lease of %.1fs ran out); dropping work, registering again",
                                     self.lease_s)
                         self.welcomed.clear()
-                        self.executor.reset()
+                        self._reset()
                         last_hello = -HELLO_RETRY_S
                 if not self.welcomed.is_set() and time.monotonic() - last_hello > HELLO_RETRY_S:
                     self.dealer.send(self.hello())
@@ -89,25 +100,27 @@ class Worker:
                 if msg is not None:
                     self.last_contact = time.monotonic()
                     if self._handle(msg):
-                        return 0
+                        return self.exit_code
         finally:
             self.stop.set()
             beat.join(timeout=2)
-            self.dealer.close()
+            self.dealer.close(linger_ms=1000 if self.exit_code else 0)  # the Error that says why we exit
             self.ctx.term()
         return 0
 
     def _handle(self, msg: object) -> bool:
         """Acts on one message; True means exit."""
         if isinstance(msg, Welcome):
-            self.executor.reset()  # a (re)registration starts from an empty state
-            self.executor.incarnation = msg.incarnation
+            self._reset()  # a (re)registration starts from an empty state
+            self.incarnation = msg.incarnation
+            if self.executor is not None:
+                self.executor.incarnation = msg.incarnation
             self.heartbeat_interval = msg.heartbeat_interval
             self.state = "ready"
             self.welcomed.set()
             log.info("registered with daemon epoch %s as incarnation %d", msg.epoch, msg.incarnation)
         elif isinstance(msg, Step):
-            if self.welcomed.is_set():
+            if self.welcomed.is_set() and self.executor is not None:
                 self._execute(msg)
         elif isinstance(msg, Shutdown):
             log.info("shutdown requested")
@@ -115,10 +128,43 @@ class Worker:
         elif isinstance(msg, Drain):
             self.state = "draining"
         elif isinstance(msg, Load):
-            self.dealer.send(Error(code="unsupported", message="this worker serves one model"))
+            return not self._load(msg)
         elif isinstance(msg, Error):
             log.error("daemon refused us: %s: %s", msg.code, msg.message)
         return False
+
+    def _reset(self) -> None:
+        if self.executor is not None:
+            self.executor.reset()
+
+    def _load(self, msg: Load) -> bool:
+        """Drop the model held, load the one asked for, and register again as it (the heartbeat thread
+        keeps beating meanwhile, saying "loading"). On failure: Error(load_failed), then False: the process
+        exits (LOAD_FAILED_EXIT), so that its supervisor's restart backoff and crash-loop detection apply
+        to a model that cannot load, and no half-freed state lingers."""
+        if self.loader is None:
+            self.dealer.send(Error(code="unsupported", message="this worker serves one model (started with --model)"))
+            return True
+        log.info("loading %s as version %r", msg.model, msg.version)
+        self.state = "loading"
+        # free the old weights and KV pool before allocating new ones: both at once may not fit
+        self.executor, self.model_name, self.model_version = None, "", ""
+        gc.collect()
+        started = time.monotonic()
+        try:
+            executor, faults = self.loader(msg, self.worker_id)
+        except Exception as exc:  # a bad path, an unsupported checkpoint, out of memory: report, then exit
+            log.exception("loading %s failed; exiting", msg.model)
+            self.dealer.send(Error(code="load_failed", message=f"{msg.model}: {type(exc).__name__}: {exc}"))
+            self.exit_code = LOAD_FAILED_EXIT
+            return False
+        executor.incarnation = self.incarnation
+        self.executor, self.faults = executor, faults
+        self.model_name, self.model_version = msg.model, msg.version
+        self.state = "ready"
+        log.info("loaded %s as version %r in %.1fs", msg.model, msg.version, time.monotonic() - started)
+        self.welcomed.clear()  # the loop says Hello again (as this model) until the daemon welcomes it
+        return True
 
     def _execute(self, step: Step) -> None:
         self.step_in_progress = step.step_id
@@ -129,7 +175,7 @@ class Worker:
             if not isinstance(exc, StepError):
                 log.exception("step %d failed", step.step_id)
             # our state and the daemon's may now disagree: start clean; the daemon recomputes
-            self.executor.reset()
+            self._reset()
             code = "bad_step" if isinstance(exc, StepError) else "internal"
             self.dealer.send(Error(code=code, message=f"{type(exc).__name__}: {exc}", step_id=step.step_id))
             return
@@ -147,14 +193,14 @@ class Worker:
                 now = time.monotonic()
                 if self.welcomed.is_set() and now >= next_beat:
                     seq += 1
-                    sock.send(Heartbeat(worker_id=self.worker_id, incarnation=self.executor.incarnation, seq=seq,
+                    sock.send(Heartbeat(worker_id=self.worker_id, incarnation=self.incarnation, seq=seq,
                                         state=self.state, step_id=self.step_in_progress))
                     next_beat = now + self.heartbeat_interval
                 try:
                     msg = sock.recv(timeout_ms=100)
                 except ProtocolError:
                     msg = None
-                if isinstance(msg, Heartbeat) and msg.incarnation == self.executor.incarnation:
+                if isinstance(msg, Heartbeat) and msg.incarnation == self.incarnation:
                     self.last_contact = time.monotonic()
                 elif isinstance(msg, Error) and msg.code == "unknown_worker" and self.welcomed.is_set():
                     self.lost.set()  # the daemon restarted or declared us dead
@@ -168,6 +214,23 @@ class Worker:
             sock.close()
 
 
+Loader = Callable[[Load, str], tuple["StepExecutor | NullExecutor", Faults]]
+
+
+def make_loader(args: argparse.Namespace) -> Loader:
+    """How this worker builds an executor for a model: the process's flags, overridden by the Load."""
+    def load(msg: Load, worker_id: str) -> tuple[StepExecutor | NullExecutor, Faults]:
+        faults = Faults.parse(msg.fault if msg.fault is not None else args.fault)
+        max_len = msg.max_model_len or args.max_model_len
+        if args.null_model:
+            return NullExecutor(NullRunner.from_folder(msg.model, max_len), worker_id=worker_id), faults
+        kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
+        runner = ModelRunner(msg.model, device=args.device, dtype=msg.dtype or args.dtype, kv_cache_bytes=kv_bytes,
+                             block_size=args.block_size, max_model_len=max_len)
+        return StepExecutor(runner, worker_id=worker_id), faults
+    return load
+
+
 def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_format)
     if os.environ.get("NIMBUS_SUPERVISED"):
@@ -176,15 +239,10 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}"
-    executor: StepExecutor | NullExecutor
-    if args.null_model:
-        executor = NullExecutor(NullRunner.from_folder(args.model, args.max_model_len), worker_id=worker_id)
-    else:
-        kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
-        runner = ModelRunner(args.model, device=args.device, dtype=args.dtype, kv_cache_bytes=kv_bytes,
-                             block_size=args.block_size, max_model_len=args.max_model_len)
-        executor = StepExecutor(runner, worker_id=worker_id)
-    worker = Worker(executor, args.connect, worker_id, model_name=str(args.model), lease_s=args.lease,
-                    orphan_timeout_s=args.orphan_timeout, faults=Faults.parse(args.fault),
-                    curve=getattr(args, "curve", None))
+    loader = make_loader(args)
+    executor, faults = (None, Faults.parse(args.fault)) if args.model is None else \
+        loader(Load(model=str(args.model)), worker_id)
+    worker = Worker(executor, args.connect, worker_id, model_name=str(args.model or ""), lease_s=args.lease,
+                    orphan_timeout_s=args.orphan_timeout, faults=faults, curve=getattr(args, "curve", None),
+                    loader=loader)
     return worker.run()
