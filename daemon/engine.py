@@ -134,7 +134,8 @@ class Engine:
     # ------------------------------------------------------------------ state
     @property
     def ready(self) -> bool:
-        return any(r.alive for r in self.replicas.values())
+        """A replica serves (something)."""
+        return any(r.alive and r.replica_id is not None and not r.draining for r in self.replicas.values())
 
     def live(self) -> list[Replica]:
         return [r for r in self.replicas.values() if r.alive]
