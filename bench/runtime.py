@@ -342,6 +342,7 @@ def prefill_flops_per_token(f: dict[str, int], length: int) -> float:
 OP_BUCKETS = (  # (bucket, substrings of aten op names), first match wins
     ("matmul", ("addmm", "aten::mm", "bmm", "matmul", "aten::linear")),
     ("attention kernel (SDPA)", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax")),
+    ("attention kernel (paged, with KV write)", ("nimbus::paged_attention",)),
     ("KV write (index_copy_)", ("index_copy",)),
     ("decode-row scatter (index_put)", ("index_put",)),
     ("KV gather, row/rope picks (index)", ("aten::index", "aten::gather", "aten::take", "embedding")),
@@ -373,7 +374,7 @@ PY_FUNCS = {  # label -> (file suffix, function name) whose cumulative time cPro
     "StepExecutor._apply (step diff)": ("executor.py", "_apply"),
     "ModelRunner.forward": ("runner.py", "forward"),
     "AttentionMetadata.build": ("attention.py", "build"),
-    "TorchAttention.forward": ("attention.py", "forward"),
+    "attention backend forward": ("attention.py", "forward"),
     "SamplingBatch.build": ("sampler.py", "build"),
     "sample": ("sampler.py", "sample"),
     "StepExecutor._result": ("executor.py", "_result"),
@@ -524,7 +525,8 @@ def report(plan: Plan, runner: ModelRunner, before: dict[str, float], after: dic
     return {
         "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "threads": torch.get_num_threads(),
-                    "cpu_capability": torch.backends.cpu.get_cpu_capability()},
+                    "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                    "attention": type(runner.attention).__name__},
         "plan": asdict(plan), "rates": rates, "rates_before": before, "rates_after": after,
         "flops": {**f, "decode_per_token": decode_flops_per_token(f, context), "decode_mean_context": context,
                   "prefill_per_token": prefill_fpt},
@@ -538,7 +540,7 @@ def print_report(r: dict[str, Any]) -> None:
     if max(r["run"]["load_start"][0], r["run"]["load_end"][0]) > cores:
         print(f"\nWARNING: load average above the {cores} cores: other work slowed this run; read the ratios")
     print(f"\n{m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['cpu_capability']}), transformers "
-          f"{m['transformers']}, {m['threads']} torch threads; load average {r['run']['load_start'][0]:.1f} -> "
+          f"{m['transformers']}, {m['threads']} torch threads, {m['attention']}; load average {r['run']['load_start'][0]:.1f} -> "
           f"{r['run']['load_end'][0]:.1f}; run took {r['run']['total_s']:.0f} s")
     print(f"float32 mm: 2048^3 {rates['mm_2048_gflops']:.0f} GFLOP/s, 64x576 @ 576x1536 "
           f"{rates['mm_decode_gflops']:.0f} GFLOP/s (best of before/after; fractions below are of "

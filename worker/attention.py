@@ -1,17 +1,27 @@
-"""Attention over the paged KV cache: per-step metadata and the backend interface with a torch backend.
+"""Attention over the paged KV cache: per-step metadata, the backend interface and its two backends.
 
 The KV pool of one layer is a tensor [2, num_blocks, block_size, num_kv_heads, head_dim]; a sequence's
 block table lists the blocks holding its positions in order, and the slot mapping says where each new
-token's K/V goes (block * block_size + offset).
+token's K/V goes (block * block_size + offset). TorchAttention (SDPA over gathered blocks) is the reference
+and runs anywhere; PagedCpuAttention (worker/csrc) reads the blocks in place and is the CPU default.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+import logging
+import math
+import os
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+
+from worker import kernels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -33,6 +43,10 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [D, max_blocks] int64 (padded with block 0)
     decode_mask: torch.Tensor | None  # [D, 1, 1, max_blocks * block_size] bool: position < context_len
     prefills: list[PrefillGroup]
+    # every sequence, in batch order, for the paged kernel (int32, as it indexes with them)
+    block_tables: torch.Tensor  # [S, max_blocks] padded with block 0, never read past context_lens
+    query_start: torch.Tensor  # [S + 1] first row of each sequence in the flattened batch, then T
+    context_lens: torch.Tensor  # [S] tokens attended after this step
 
     @classmethod
     def build(
@@ -67,7 +81,14 @@ class AttentionMetadata:
                     PrefillGroup(slice(row, row + q), torch.tensor(needed, device=device), ctx, mask)
                 )
             row += q
-        meta = cls(torch.tensor(slots, dtype=torch.int64, device=device), None, None, None, prefills)
+        width = max((-(-(s + q) // block_size) for q, s in zip(query_lens, starts)), default=0)
+        i32 = dict(dtype=torch.int32, device=device)
+        meta = cls(
+            torch.tensor(slots, dtype=torch.int64, device=device), None, None, None, prefills,
+            block_tables=torch.tensor([t[:width] + [0] * (width - len(t[:width])) for t in block_tables], **i32),
+            query_start=torch.tensor([0, *itertools.accumulate(query_lens)], **i32),
+            context_lens=torch.tensor([s + q for q, s in zip(query_lens, starts)], **i32),
+        )
         if decode_rows:
             width = max(len(t) for t in decode_tables)
             padded = [t + [0] * (width - len(t)) for t in decode_tables]
@@ -130,3 +151,61 @@ class TorchAttention:
             enable_gqa=True,
         )
         return out.squeeze(0).transpose(0, 1)
+
+
+class PagedCpuAttention:
+    """CPU backend on the C++ kernel in worker/csrc/paged_attention.cpp: reads each sequence's K/V blocks in
+    place (no gather, no padding) and runs every decode and prefill row of a step in one call per layer, on
+    the torch intra-op threads. float32 and bfloat16."""
+
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    @classmethod
+    def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+        # the kernel works in vectors of 16 floats and keeps a head's row in at most 16 of them
+        return device.type == "cpu" and dtype in cls.DTYPES and head_dim % 16 == 0 and head_dim <= 256
+
+    def __init__(self) -> None:
+        self._op = kernels.paged_attention()
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        out = torch.empty_like(q)
+        self._op(out, q, k, v, kv_cache, meta.slot_mapping, meta.block_tables, meta.query_start,
+                 meta.context_lens, 1.0 / math.sqrt(q.shape[-1]))
+        return out
+
+
+BACKENDS = ("torch", "paged")
+
+
+def select_attention(
+    device: torch.device, dtype: torch.dtype, head_dim: int, choice: str | None = None
+) -> AttentionBackend:
+    """The backend for a runner: `choice` ('torch' or 'paged'), else $NIMBUS_ATTENTION, else the paged kernel
+    on CPU for the dtypes and head sizes it supports (TorchAttention, with one warning, when it cannot be built) and
+    TorchAttention on GPU. A forced choice that cannot run raises instead of falling back."""
+    choice = choice or os.environ.get("NIMBUS_ATTENTION") or None
+    if choice not in (None, *BACKENDS):
+        raise ValueError(f"attention backend {choice!r}: choose one of {', '.join(BACKENDS)}")
+    if choice == "torch":
+        return TorchAttention()
+    usable = PagedCpuAttention.supports(device, dtype, head_dim)
+    if choice == "paged":
+        if not usable:
+            raise ValueError(f"the paged attention kernel runs on CPU in float32 or bfloat16 with head_dim a "
+                             f"multiple of 16 up to 256, not {device} {dtype} head_dim {head_dim}")
+        return PagedCpuAttention()
+    return PagedCpuAttention() if usable and _paged_kernel_loads() else TorchAttention()
+
+
+@functools.cache
+def _paged_kernel_loads() -> bool:
+    """Whether the kernel builds and loads here; asked once per process, so the warning shows once."""
+    try:
+        kernels.paged_attention()
+    except Exception as e:  # a missing compiler or ninja must not stop the worker: SDPA still works
+        log.warning("paged attention kernel unavailable (%s); using TorchAttention", e)
+        return False
+    return True

@@ -40,12 +40,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", freqs.cos().to(dtype), persistent=False)
         self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        # x [T, heads, head_dim]; rotate-half (GPT-NeoX) layout, as Hugging Face Llama checkpoints use
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [T, 1, head_dim / 2] for the step's positions; looked up once and shared by every layer."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x [T, heads, head_dim]; rotate-half (GPT-NeoX) layout, as Hugging Face Llama checkpoints use
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class RMSNorm(nn.Module):
@@ -85,18 +88,18 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         attention: AttentionBackend,
     ) -> torch.Tensor:
         t = hidden.shape[0]
         qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
-        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-        q = rotary(q.view(t, self.num_heads, self.head_dim), positions)
-        k = rotary(k.view(t, self.num_kv_heads, self.head_dim), positions)
-        v = v.reshape(t, self.num_kv_heads, self.head_dim)
+        qk_size = self.q_size + self.kv_size
+        # q and k heads side by side take one rotary pass (fewer small ops, which dominate at small batch)
+        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
+        q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
+        v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         attn = attention.forward(q, k, v, kv_cache, meta).reshape(t, self.q_size)
         hidden = hidden + F.linear(attn, self.o_weight, self.o_bias)
         gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
@@ -127,8 +130,9 @@ class CausalLM(nn.Module):
     ) -> torch.Tensor:
         """Returns float32 logits [len(logits_indices), vocab] for the chosen rows of the flattened batch."""
         hidden = F.embedding(input_ids, self.embed)
+        rope = self.rotary.tables(positions)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, positions, self.rotary, kv_cache, meta, attention)
+            hidden = layer(hidden, rope, kv_cache, meta, attention)
         # the LM head is the largest matrix: apply it only where a token is sampled
         hidden = self.norm(hidden[logits_indices])
         head = self.embed if self.lm_head is None else self.lm_head

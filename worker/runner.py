@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from worker.attention import AttentionBackend, AttentionMetadata, TorchAttention
+from worker.attention import AttentionBackend, AttentionMetadata, select_attention
 from worker.config import ModelConfig
 from worker.loader import load_weights
 from worker.model import CausalLM
@@ -73,7 +73,7 @@ class ModelRunner:
                                  self.config.max_position_embeddings)
         self.model = CausalLM(self.config, self.max_model_len, self.dtype, self.device)
         load_weights(self.model, self.folder)
-        self.attention = attention or TorchAttention()
+        self.attention = attention or select_attention(self.device, self.dtype, self.config.head_dim)
         self.num_blocks = self._num_blocks(kv_cache_bytes, gpu_memory_utilization)
         c = self.config
         shape = (c.num_layers, 2, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)

@@ -1,0 +1,120 @@
+"""The paged CPU attention kernel (worker/csrc) against TorchAttention on random paged layouts, and backend choice."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from worker.attention import AttentionMetadata, PagedCpuAttention, TorchAttention, select_attention
+
+
+@pytest.fixture(scope="module")
+def paged():
+    return PagedCpuAttention()
+
+
+def random_step(query_lens, starts, *, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, seed=0):
+    """A step over sequences whose earlier K/V already sit in shuffled, non-contiguous blocks of the pool.
+
+    Returns (q, k, v, kv_cache, meta)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-(s + q) // block_size) for q, s in zip(query_lens, starts)]
+    num_blocks = sum(need) + 7
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    tables, at = [], 0
+    for n in need:
+        tables.append(ids[at : at + n])
+        at += n
+    shape = (2, num_blocks, block_size, kv_heads, head_dim)
+    kv_cache = torch.randn(shape, generator=g).to(dtype)  # earlier positions: random, as if computed before
+    t = sum(query_lens)
+    q = torch.randn(t, kv_heads * group, head_dim, generator=g).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
+    meta = AttentionMetadata.build(list(query_lens), list(starts), tables, block_size, torch.device("cpu"))
+    return q, k, v, kv_cache, meta
+
+
+def compare(paged, query_lens, starts, atol=1e-5, **shape):
+    q, k, v, kv_cache, meta = random_step(query_lens, starts, **shape)
+    ref_cache = kv_cache.clone()
+    expected = TorchAttention().forward(q, k, v, ref_cache, meta)
+    got = paged.forward(q, k, v, kv_cache, meta)
+    assert torch.equal(kv_cache, ref_cache), "the new tokens' K/V were not written where TorchAttention writes them"
+    err = (got.float() - expected.float()).abs().max().item()
+    assert err < atol, f"max |difference| {err}"
+
+
+SHAPES = [dict(kv_heads=3, group=3, head_dim=64), dict(kv_heads=2, group=1, head_dim=64),
+          dict(kv_heads=2, group=4, head_dim=128), dict(kv_heads=1, group=4, head_dim=16)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_decode_matches_torch(paged, shape):
+    lens = [1, 5, 16, 17, 31, 100, 257, 333]
+    compare(paged, [1] * len(lens), [n - 1 for n in lens], **shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_prefill_matches_torch(paged, shape):
+    # whole prompts from 0, chunks resuming a chunked prefill, and chunks after a prefix-cache hit
+    compare(paged, [7, 40, 16, 3, 65, 100], [0, 0, 32, 5, 17, 160], **shape)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16, 32])
+def test_mixed_step_matches_torch(paged, block_size):
+    compare(paged, [1, 33, 1, 1, 12, 1, 70], [9, 0, 0, 63, 40, 200, 11], block_size=block_size,
+            kv_heads=3, group=3, head_dim=64)
+
+
+def test_single_sequence(paged):
+    compare(paged, [1], [299], kv_heads=3, group=3, head_dim=64)
+    compare(paged, [300], [0], kv_heads=3, group=3, head_dim=64)
+
+
+@pytest.mark.parametrize("shape", SHAPES[:3], ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_bfloat16_matches_torch(paged, shape):
+    # both round the output to bfloat16 (one ulp ~ 0.4% near 1); SDPA also rounds its softmax to bfloat16
+    compare(paged, [1, 1, 20, 1, 50], [30, 200, 0, 7, 90], atol=3e-2, dtype=torch.bfloat16, **shape)
+
+
+def test_random_layouts(paged):
+    rng = random.Random(5)
+    for seed in range(20):
+        n = rng.randint(1, 12)
+        lens = [rng.choice([1, 1, 1, rng.randint(2, 80)]) for _ in range(n)]
+        starts = [rng.randint(0, 150) for _ in range(n)]
+        compare(paged, lens, starts, block_size=rng.choice([4, 8, 16]), seed=seed,
+                kv_heads=rng.choice([1, 2, 3]), group=rng.choice([1, 2, 3, 4]), head_dim=rng.choice([32, 64, 128]))
+
+
+def test_non_contiguous_inputs(paged):
+    # the model passes v as a view into the fused qkv projection: rows are strided
+    q, k, v, kv_cache, meta = random_step([1, 9], [20, 4], kv_heads=3, group=3, head_dim=64)
+    wide = torch.cat([v, torch.zeros_like(v)], dim=-1)[..., :64]
+    assert not wide.is_contiguous()
+    ref_cache = kv_cache.clone()
+    expected = TorchAttention().forward(q, k, v, ref_cache, meta)
+    assert torch.allclose(paged.forward(q, k, wide, kv_cache, meta), expected, atol=1e-5)
+    assert torch.equal(kv_cache, ref_cache)
+
+
+def test_backend_selection(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("NIMBUS_ATTENTION", raising=False)
+    assert isinstance(select_attention(cpu, torch.float32, 64), PagedCpuAttention)
+    assert isinstance(select_attention(cpu, torch.float16, 64), TorchAttention)  # no float16 path in the kernel
+    assert isinstance(select_attention(cpu, torch.float32, 72), TorchAttention)  # not a multiple of 16
+    assert isinstance(select_attention(torch.device("cuda"), torch.bfloat16, 64), TorchAttention)
+    monkeypatch.setenv("NIMBUS_ATTENTION", "torch")
+    assert isinstance(select_attention(cpu, torch.float32, 64), TorchAttention)
+    assert isinstance(select_attention(cpu, torch.float32, 64, "paged"), PagedCpuAttention)
+    monkeypatch.setenv("NIMBUS_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="flash"):
+        select_attention(cpu, torch.float32, 64)
+    with pytest.raises(ValueError, match="CPU"):
+        select_attention(torch.device("cuda"), torch.bfloat16, 64, "paged")
