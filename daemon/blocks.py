@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
 from collections.abc import Sequence
 
 ROOT_DIGEST = b""  # the parent of a sequence's first block
@@ -56,7 +55,15 @@ class BlockManager:
         self._ref = [0] * self.num_blocks
         self._digest: list[bytes | None] = [None] * self.num_blocks
         self._cached: dict[bytes, int] = {}
-        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(self.num_blocks))
+        # The free queue: a doubly linked list through two fixed arrays (index num_blocks is the head/tail
+        # sentinel), so queueing and unqueueing blocks allocates nothing and memory stays flat however
+        # many blocks churn (an OrderedDict here grew by megabytes over thousands of requests).
+        n = self.num_blocks
+        self._ids = list(range(n))  # one int object per block id, shared by tables and cache (not one per use)
+        self._next = array("i", range(1, n + 2))
+        self._prev = array("i", range(-1, n))
+        self._next[n], self._prev[0] = 0, n  # sentinel -> 0 -> 1 ... -> n-1 -> sentinel
+        self._num_free = n
         self._tables: dict[int, list[int]] = {}
         self._chains: dict[int, list[bytes]] = {}  # digests of each sequence's leading full blocks
         self._num_cached_free = 0
@@ -64,11 +71,11 @@ class BlockManager:
     # ------------------------------------------------------------------------------------- queries
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        return self._num_free
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self._free)
+        return self.num_blocks - self._num_free
 
     @property
     def num_cached(self) -> int:
@@ -83,7 +90,7 @@ class BlockManager:
         return self.num_used / self.num_blocks
 
     def can_allocate(self, num_blocks: int) -> bool:
-        return num_blocks <= len(self._free)
+        return num_blocks <= self._num_free
 
     def table(self, seq_id: int) -> list[int]:
         """A copy of the sequence's block table (KeyError if it has none)."""
@@ -91,7 +98,7 @@ class BlockManager:
 
     def reachable_tokens(self, seq_id: int) -> int:
         """The most tokens the sequence's table could cover if it took every free block."""
-        return (len(self._tables[seq_id]) + len(self._free)) * self.block_size
+        return (len(self._tables[seq_id]) + self._num_free) * self.block_size
 
     def prefix_match_tokens(self, token_ids: Sequence[int]) -> int:
         """Read-only: how many leading tokens a new sequence with these tokens would find cached."""
@@ -130,7 +137,7 @@ class BlockManager:
         chunk = min(token_budget, len(token_ids) - num_cached)
         num_new = _cdiv(num_cached + chunk, self.block_size) - len(hits)
         # Hit blocks sitting in the free queue leave it too, so they count against the free blocks.
-        if sum(self._ref[b] == 0 for b in hits) + num_new > len(self._free):
+        if sum(self._ref[b] == 0 for b in hits) + num_new > self._num_free:
             return None
         for block in hits:
             self._take(block)
@@ -144,10 +151,10 @@ class BlockManager:
         """Grow the table to cover num_tokens tokens; returns the appended block ids ([] if it already
         does), or None, changing nothing, if there are not enough free blocks."""
         table = self._tables[seq_id]
-        num_new = _cdiv(num_tokens, self.block_size) - len(table)
+        num_new = -(-num_tokens // self.block_size) - len(table)  # called for every sequence of every step
         if num_new <= 0:
             return []
-        if num_new > len(self._free):
+        if num_new > self._num_free:
             return None
         new = self._pop_free(num_new)
         table.extend(new)
@@ -178,22 +185,23 @@ class BlockManager:
             self._ref[block] -= 1
             if self._ref[block] > 0:
                 continue
-            self._free[block] = None
             if self._digest[block] is None:
-                self._free.move_to_end(block, last=False)  # holds nothing reusable: reuse it first
+                self._enqueue(block, first=True)  # holds nothing reusable: reuse it first
             else:
+                self._enqueue(block, first=False)
                 self._num_cached_free += 1
 
     def _take(self, block: int) -> None:
         if self._ref[block] == 0:
-            del self._free[block]
+            self._dequeue(block)
             self._num_cached_free -= self._digest[block] is not None
         self._ref[block] += 1
 
     def _pop_free(self, count: int) -> list[int]:
         blocks = []
         for _ in range(count):
-            block, _ = self._free.popitem(last=False)
+            block = self._ids[self._next[self.num_blocks]]  # the head: least recently freed
+            self._dequeue(block)
             digest = self._digest[block]
             if digest is not None:  # evicted: its content is about to be overwritten
                 del self._cached[digest]
@@ -203,6 +211,27 @@ class BlockManager:
             blocks.append(block)
         return blocks
 
+    def _enqueue(self, block: int, first: bool) -> None:
+        nxt, prev, end = self._next, self._prev, self.num_blocks
+        before = end if first else prev[end]  # after the sentinel (the head) or after the tail
+        after = nxt[before]
+        nxt[before], prev[block], nxt[block], prev[after] = block, before, after, block
+        self._num_free += 1
+
+    def _dequeue(self, block: int) -> None:
+        nxt, prev = self._next, self._prev
+        before, after = prev[block], nxt[block]
+        nxt[before], prev[after] = after, before
+        self._num_free -= 1
+
+    def _free_queue(self) -> list[int]:
+        """The free blocks, head (next to allocate) first (O(num_free): for checks and tests)."""
+        out, block = [], self._next[self.num_blocks]
+        while block != self.num_blocks:
+            out.append(block)
+            block = self._next[block]
+        return out
+
     def check_invariants(self) -> None:
         """Assert the invariants in the class docstring (for tests and debugging; O(total blocks))."""
         counts = [0] * self.num_blocks
@@ -210,9 +239,12 @@ class BlockManager:
             for block in table:
                 counts[block] += 1
         assert counts == self._ref, "refcounts differ from table membership"
-        assert all((self._ref[b] == 0) == (b in self._free) for b in range(self.num_blocks))
+        queue = self._free_queue()
+        assert len(queue) == len(set(queue)) == self._num_free, "free queue corrupt"
+        free = set(queue)
+        assert all((self._ref[b] == 0) == (b in free) for b in range(self.num_blocks))
         assert all(c <= 1 or self._digest[b] is not None for b, c in enumerate(counts)), "shared unhashed"
         assert all(self._digest[b] == d for d, b in self._cached.items()), "cache map out of sync"
         assert sum(d is not None for d in self._digest) == len(self._cached)
-        assert self._num_cached_free == sum(self._digest[b] is not None for b in self._free)
+        assert self._num_cached_free == sum(self._digest[b] is not None for b in free)
         assert self.num_free + self.num_used == self.num_blocks

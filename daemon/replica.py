@@ -9,17 +9,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import zmq
 
-from daemon.metrics import Metrics, ReplicaMetrics
+from daemon.metrics import Metrics, ReplicaMetrics, observe_many
 from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher
 from protocol.messages import Error, Hello, StepResult
 from protocol.transport import RouterEndpoint
 
 log = logging.getLogger("nimbus.replica")
+# The step loop wakes its streams' readers at most once per this many seconds per stream it holds (at most
+# MAX_WAKE_INTERVAL_S; a first token and an end go out at once). With many streams on a fast model each
+# wake-up, hence each SSE write (a syscall), then carries several steps' tokens, so writing takes a bounded
+# share of the daemon's core however fast the model steps; a model slower than that has every token sent the
+# step it is made.
+WAKE_INTERVAL_PER_STREAM_S = 200e-6
+MAX_WAKE_INTERVAL_S = 0.05
 
 
 @dataclass(slots=True)
@@ -34,36 +42,65 @@ class Delta:
 
 
 class RequestStream:
-    """One request's output channel. `put` never blocks the step loop; a slow reader gets merged deltas."""
+    """One request's output channel. `put` never blocks the step loop; a slow reader gets merged deltas.
+
+    Deltas of one choice merge while unread, so a read returns at most one delta per choice. The step loop
+    puts without waking the reader and wakes it later (`wake`), so a reader may see several steps at once.
+    """
 
     def __init__(self, num_choices: int) -> None:
-        self._pending: list[Delta] = []
-        self._ready = asyncio.Event()
+        self._pending: dict[int, Delta] = {}  # choice index -> everything it produced since the last read
+        self._waiter: asyncio.Future[None] | None = None
         self.unfinished = num_choices
         self.error: str | None = None
         self.error_status = 503
 
     def put(self, delta: Delta) -> None:
-        if delta.finish_reason is not None:
+        self.push(delta.index, delta.text, delta.token_ids, delta.logprobs, delta.finish_reason)
+        self.wake()
+
+    def push(self, index: int, text: str, token_ids: list[int],
+             logprobs: list[tuple[int, float, list[tuple[int, float]]]] | None = None,
+             finish_reason: str | None = None) -> None:
+        """Add one choice's output without waking the reader (the caller wakes it, maybe after more)."""
+        if finish_reason is not None:
             self.unfinished -= 1
-        self._pending.append(delta)
-        self._ready.set()
+        held = self._pending.get(index)
+        if held is None:
+            self._pending[index] = Delta(index, text, list(token_ids), list(logprobs or ()), finish_reason)
+            return
+        held.text += text
+        held.token_ids += token_ids
+        if logprobs:
+            held.logprobs += logprobs
+        if finish_reason is not None:
+            held.finish_reason = finish_reason
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def fail(self, message: str, status: int = 503) -> None:
         if self.error is None:
             self.error, self.error_status = message, status
-        self._ready.set()
+        self.wake()
 
     @property
     def finished(self) -> bool:
         return self.unfinished <= 0 or self.error is not None
 
     async def get(self) -> list[Delta]:
-        """Everything produced since the last call (waits for at least one delta or the end)."""
+        """Everything produced since the last call (waits for at least one delta or the end); [] only once
+        the stream is finished and everything was read."""
         while not self._pending and not self.finished:
-            self._ready.clear()
-            await self._ready.wait()
-        out, self._pending = self._pending, []
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        out = list(self._pending.values())
+        self._pending.clear()
         return out
 
 
@@ -184,66 +221,95 @@ class Replica:
 
     async def run(self, on_step_error) -> None:
         loop = asyncio.get_running_loop()
-        while self.alive:
-            plan = self.scheduler.schedule()
-            if plan is None:
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            self.in_flight = InFlight(plan, loop.create_future(), time.monotonic())
-            self._scheduled(plan)
-            try:
-                self.endpoint.send(self.identity, plan.step)
-                result = await self.in_flight.future
-                updates = self.scheduler.update(plan, result)
-            except (WorkerFailed, zmq.ZMQError, ValueError) as exc:
-                if not self.alive:
-                    return
-                on_step_error(self, plan, exc)  # the worker lives but its state is unknown: recompute
-                continue
-            finally:
-                self.in_flight = None
-            self.steps += 1
-            if (m := self.metrics) is not None:
-                m.step.observe(time.monotonic() - self.in_flight_started)
-                m.batch_tokens.observe(plan.num_batched_tokens)
-                if plan.preempted_seq_ids:
-                    m.preemptions.inc(len(plan.preempted_seq_ids))
-            for update in updates:
-                self._emit(update)
+        unwoken: set[RequestStream] = set()  # streams holding output their readers were not woken for yet
+        woken_at = 0.0
+        try:
+            while self.alive:
+                plan = self.scheduler.schedule()
+                if plan is None:
+                    _wake_all(unwoken)
+                    self.wake.clear()
+                    await self.wake.wait()
+                    continue
+                self.in_flight = InFlight(plan, loop.create_future(), time.monotonic())
+                self._scheduled(plan)
+                try:
+                    self.endpoint.send(self.identity, plan.step)
+                    result = await self.in_flight.future
+                    updates = self.scheduler.update(plan, result)
+                except (WorkerFailed, zmq.ZMQError, ValueError) as exc:
+                    if not self.alive:
+                        return
+                    on_step_error(self, plan, exc)  # the worker lives but its state is unknown: recompute
+                    continue
+                finally:
+                    self.in_flight = None
+                self.steps += 1
+                now = time.monotonic()
+                if (m := self.metrics) is not None:
+                    m.step.observe(now - self.in_flight_started)
+                    m.batch_tokens.observe(plan.num_batched_tokens)
+                    if plan.preempted_seq_ids:
+                        m.preemptions.inc(len(plan.preempted_seq_ids))
+                self._emit_all(updates, now, unwoken)
+                if unwoken and now - woken_at >= min(MAX_WAKE_INTERVAL_S, WAKE_INTERVAL_PER_STREAM_S * len(self.tracks)):
+                    _wake_all(unwoken)
+                    woken_at = now
+        finally:
+            _wake_all(unwoken)
 
     def _scheduled(self, plan: StepPlan) -> None:
         now = self.in_flight_started = time.monotonic()
-        for seq_id in plan.scheduled:
-            track = self.tracks.get(seq_id)
+        for new in plan.step.new_seqs:  # a sequence is first scheduled when it is admitted
+            track = self.tracks.get(new.seq_id)
             if track is not None and track.first_scheduled is None:
                 track.first_scheduled = now
                 if self.metrics is not None:
                     self.metrics.queue.observe(now - track.created)
 
-    def _observe_tokens(self, track: Track, count: int) -> None:
-        now = time.monotonic()
+    def _emit_all(self, updates: list[SeqUpdate], now: float, unwoken: set[RequestStream]) -> None:
+        """Apply one step's updates to their tracks and streams; token metrics are observed once per step."""
         m = self.metrics
-        if m is not None:
+        tracks, worker_id = self.tracks, self.worker_id
+        lasts: list[float] = []  # each token's previous token time (a step's sequences mostly share one)
+        num_tokens = 0
+        for update in updates:
+            track = tracks.get(update.seq.seq_id)
+            if track is None:
+                continue
+            new = update.new_token_ids
+            if not new:  # nothing sampled (the scheduler sends none such today): only an end, if any
+                self._emit(track, update, False, unwoken)
+                continue
+            num_tokens += len(new)
+            last = track.last_token
+            track.last_token = now
+            track.worker_id = worker_id
             if track.first_token is None:
-                m.ttft.observe(now - track.created)
-                m.prefill.observe(now - (track.first_scheduled or track.created))
-            elif track.last_token is not None:
-                m.itl.observe(now - track.last_token)
-            m.generation_tokens.inc(count)
-        if track.first_token is None:
-            track.first_token = now
-        track.last_token = now
-        track.worker_id = self.worker_id
+                track.first_token = now
+                if m is not None:
+                    m.ttft.observe(now - track.created)
+                    m.prefill.observe(now - (track.first_scheduled or track.created))
+                self._emit(track, update, True, unwoken)
+                continue
+            if last is not None:
+                lasts.append(last)
+            if update.finished or track.stops is not None or update.new_logprobs:
+                self._emit(track, update, False, unwoken)
+                continue
+            # the usual token (inline: this runs for every sequence of every step): text, if any, to the stream
+            track.stream.push(track.index, track.detok.add(new), new)
+            unwoken.add(track.stream)
+        if m is not None:
+            if num_tokens:
+                m.generation_tokens.inc(num_tokens)
+            for last, count in Counter(lasts).items():
+                observe_many(m.itl, now - last, count)
 
-    def _emit(self, update: SeqUpdate) -> None:
-        track = self.tracks.get(update.seq.seq_id)
-        if track is None:
-            return
+    def _emit(self, track: Track, update: SeqUpdate, first: bool, unwoken: set[RequestStream]) -> None:
         seq = update.seq
-        if update.new_token_ids:
-            self._observe_tokens(track, len(update.new_token_ids))
-        text = track.detok.add(update.new_token_ids) if update.new_token_ids else ""
+        new = update.new_token_ids
+        text = track.detok.add(new) if new else ""
         finish = seq.finish_reason if update.finished else None
         if update.finished:
             text += track.detok.flush()
@@ -255,11 +321,23 @@ class Replica:
                 finish = "stop"
             elif update.finished:
                 text += track.stops.flush()
-        entries = []
-        if seq.sampling.logprobs is not None and update.new_logprobs:
-            entries = [(tok, lp, top) for tok, (lp, top) in zip(update.new_token_ids, update.new_logprobs)]
-        track.stream.put(Delta(track.index, text, list(update.new_token_ids), entries, finish))
+        entries = None
+        if update.new_logprobs and seq.sampling.logprobs is not None:
+            entries = [(tok, lp, top) for tok, (lp, top) in zip(new, update.new_logprobs)]
+        stream = track.stream
+        stream.push(track.index, text, new, entries, finish)
         if finish is not None:
             del self.tracks[seq.seq_id]
             if self.metrics is not None:
                 self.metrics.e2e.observe(time.monotonic() - track.created)
+            stream.wake()
+        elif first:  # the first token and the end go out at once; the rest at the next wake-up
+            stream.wake()
+        else:
+            unwoken.add(stream)
+
+
+def _wake_all(streams: set[RequestStream]) -> None:
+    for stream in streams:
+        stream.wake()
+    streams.clear()

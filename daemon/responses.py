@@ -16,6 +16,9 @@ from daemon.scheduler import Sequence
 if TYPE_CHECKING:
     from daemon.api import ApiState
 
+# json.dumps' own string encoder (ASCII-only, as json.dumps writes by default): same bytes, no dict walk
+_json_string = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
+
 
 class Response:
     """Turns deltas into OpenAI completion / chat completion bodies and SSE chunks."""
@@ -73,8 +76,8 @@ class Response:
         texts = [""] * total
         finish: list[str | None] = [None] * total
         logprobs: list[list[dict[str, Any] | None]] = [[] for _ in range(total)]
-        while not stream.finished:
-            for d in await stream.get():
+        while deltas := await stream.get():
+            for d in deltas:
                 texts[d.index] += d.text
                 finish[d.index] = d.finish_reason or finish[d.index]
                 logprobs[d.index].append(self._logprobs(d))
@@ -98,6 +101,23 @@ class Response:
             body["usage"] = usage
         return b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
 
+    def _chunk_head(self) -> bytes:
+        """`data: {"id":...,"choices":[` of this response's chunks: the same in every chunk, rendered once."""
+        body = json.dumps({"id": self.id, "object": self.object + (".chunk" if self.req.chat else ""),
+                           "created": self.created, "model": self.req.model}, separators=(",", ":"))
+        return b"data: " + body[:-1].encode() + b',"choices":['
+
+    def _choice(self, d: Delta) -> str:
+        """One delta as a chunk's choice: what json.dumps gives for the dict `_chunk` would hold, built
+        directly (this runs for every delta of every stream)."""
+        lp = "null" if self.req.logprobs is None else json.dumps(self._logprobs(d), separators=(",", ":"))
+        finish = "null" if d.finish_reason is None else _json_string(d.finish_reason)
+        if not self.req.chat:
+            return (f'{{"index":{d.index},"text":{_json_string(d.text)},"logprobs":{lp},'
+                    f'"finish_reason":{finish}}}')
+        delta = f'{{"content":{_json_string(d.text)}}}' if d.text or d.finish_reason is None else "{}"
+        return f'{{"index":{d.index},"delta":{delta},"logprobs":{lp},"finish_reason":{finish}}}'
+
     async def stream(self, request: web.Request, stream: RequestStream) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
@@ -105,21 +125,12 @@ class Response:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                       "finish_reason": None} for i in range(len(self.prompts) * self.req.n)]
             await resp.write(self._chunk(first))
-        while not stream.finished:
-            choices = []
-            for d in await stream.get():
-                if not d.text and d.finish_reason is None and not d.logprobs:
-                    continue  # text held back (partial character or possible stop string)
-                lp = self._logprobs(d)
-                if self.req.chat:
-                    delta = {"content": d.text} if d.text or d.finish_reason is None else {}
-                    choices.append({"index": d.index, "delta": delta, "logprobs": lp,
-                                    "finish_reason": d.finish_reason})
-                else:
-                    choices.append({"index": d.index, "text": d.text, "logprobs": lp,
-                                    "finish_reason": d.finish_reason})
+        head = self._chunk_head()
+        while deltas := await stream.get():
+            # text held back (a partial character or a possible stop string) makes no chunk
+            choices = [self._choice(d) for d in deltas if d.text or d.finish_reason is not None or d.logprobs]
             if choices:
-                await resp.write(self._chunk(choices))
+                await resp.write(head + ",".join(choices).encode() + b"]}\n\n")
         if stream.error:
             err = APIError(stream.error, status=stream.error_status, code="generation_failed").body()
             await resp.write(b"data: " + json.dumps(err).encode() + b"\n\n")

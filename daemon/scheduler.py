@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from bisect import insort
 from collections import deque
+from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -88,6 +89,27 @@ class Sequence:
         return self.status is SequenceStatus.FINISHED
 
 
+class TokenIds:
+    """A sequence's prompt + output ids, sliced without joining them (a block's hash needs one block's ids)."""
+
+    __slots__ = ("prompt", "output")
+
+    def __init__(self, seq: Sequence) -> None:
+        self.prompt, self.output = seq.prompt_token_ids, seq.output_token_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.output)
+
+    def __getitem__(self, where: slice) -> list[int]:
+        start, stop, _ = where.indices(len(self))
+        p = len(self.prompt)
+        if stop <= p:
+            return self.prompt[start:stop]
+        if start >= p:
+            return self.output[start - p : stop - p]
+        return self.prompt[start:] + self.output[: stop - p]
+
+
 @dataclass
 class StepPlan:
     """One step: the message for the worker and what update() needs to apply its result."""
@@ -96,16 +118,24 @@ class StepPlan:
     sample_seq_ids: list[int]  # sequences whose chunk reaches their last known token: they sample
     scheduled: dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed), in batch order
     preempted_seq_ids: list[int] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)  # as sample_seq_ids
+    # sample_seq_ids packed as a StepResult's seq_ids: the usual answer, recognised with one comparison
+    packed_sample_ids: bytes = b""
+    asks_logprobs: bool = False  # some sampling sequence wants logprobs
+    filled: list[Sequence] = field(default_factory=list)  # sequences whose step fills a KV block
+    batched_tokens: int | None = None  # set by schedule(); else summed from `scheduled`
 
     @property
     def num_batched_tokens(self) -> int:
+        if self.batched_tokens is not None:
+            return self.batched_tokens
         return sum(n for _, n in self.scheduled.values())
 
 
 Batch = dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed this step), in batch order
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqUpdate:
     """What one step did to one sequence."""
 
@@ -234,52 +264,76 @@ class Scheduler:
             new_seqs = [] if preempted else self._admit_waiting(budget, batch)
         if not batch:
             return None
+        # One pass over the batch: the step's arrays, who samples, whose step fills a block; then count
+        # the step's tokens as computed (the worker computes them, or fails and everything is recomputed).
+        counts, sample, sample_seqs, filled = [], [], [], []
+        size, asks_logprobs = self.block_size, False
+        for sid, (seq, n) in batch.items():
+            counts.append(n)
+            start = seq.num_computed_tokens
+            end = seq.num_computed_tokens = start + n
+            if end == len(seq.prompt_token_ids) + len(seq.output_token_ids):
+                sample.append(sid)
+                sample_seqs.append(seq)
+                asks_logprobs = asks_logprobs or seq.sampling.logprobs is not None
+            if start // size != end // size:
+                filled.append(seq)
         step = Step(
             step_id=self._next_step_id,
             new_seqs=tuple(new_seqs),
             appended=tuple(appended),
             free_seq_ids=pack_ints(self._pending_frees),  # the worker applies frees first
             seq_ids=pack_ints(batch),
-            num_tokens=pack_ints(n for _, n in batch.values()),
+            num_tokens=pack_ints(counts),
         )
         self._next_step_id += 1
         self._pending_frees = []
-        sample = [sid for sid, (seq, n) in batch.items() if seq.num_computed_tokens + n == seq.num_tokens]
-        for seq, n in batch.values():
-            seq.num_computed_tokens += n
-        self._in_flight = StepPlan(step, sample, batch, preempted)
+        self._in_flight = StepPlan(step, sample, batch, preempted, sample_seqs, pack_ints(sample), asks_logprobs,
+                                   filled, sum(counts))
         return self._in_flight
 
     def _schedule_running(self, batch: Batch, appended: list[BlockAppend], preempted: list[int],
                           only: Sequence | None = None) -> int:
         """Running sequences first, oldest first (or `only` one of them); returns the budget left."""
         budget = self.config.max_num_batched_tokens
+        ensure = self.blocks.ensure
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             if only is not None and seq is not only:
                 i += 1
                 continue
-            reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
-            # Not one more token fits: preempt the youngest. Everyone scheduled so far is older than
-            # seq, so the victim is never already in the batch; if seq is the youngest it yields.
-            while reach < 1 and self.running[-1] is not seq:
-                self._preempt(self.running[-1], preempted)
-                reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
-            if reach < 1:
-                assert len(self.running) > 1, "max_seq_len guarantees a sequence alone fits the pool"
-                self._preempt(seq, preempted)
-                break
-            # A chunk shrinks to the blocks at hand rather than preempting anyone for the rest.
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget, reach)
-            new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
-            assert new_blocks is not None  # n is within reach
+            computed = seq.num_computed_tokens
+            n = min(len(seq.prompt_token_ids) + len(seq.output_token_ids) - computed, budget)
+            new_blocks = ensure(seq.seq_id, computed + n)  # the usual case: the blocks are at hand
+            if new_blocks is None:
+                n = self._shrink_or_preempt(seq, n, preempted)
+                if n == 0:
+                    break
+                new_blocks = ensure(seq.seq_id, computed + n)
+                assert new_blocks is not None  # n is within reach
             if new_blocks:
                 appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
             batch[seq.seq_id] = (seq, n)
             budget -= n
             i = len(self.running) if only is not None else i + 1
         return budget
+
+    def _shrink_or_preempt(self, seq: Sequence, n: int, preempted: list[int]) -> int:
+        """The free blocks cannot hold seq's next n tokens: returns how many they can hold (at least one)
+        after preempting the youngest as needed, or 0 when seq itself had to yield (it was the youngest)."""
+        reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
+        # Not one more token fits: preempt the youngest. Everyone scheduled so far is older than
+        # seq, so the victim is never already in the batch; if seq is the youngest it yields.
+        while reach < 1 and self.running[-1] is not seq:
+            self._preempt(self.running[-1], preempted)
+            reach = self.blocks.reachable_tokens(seq.seq_id) - seq.num_computed_tokens
+        if reach < 1:
+            assert len(self.running) > 1, "max_seq_len guarantees a sequence alone fits the pool"
+            self._preempt(seq, preempted)
+            return 0
+        # A chunk shrinks to the blocks at hand rather than preempting anyone for the rest.
+        return min(n, reach)
 
     def _admit_waiting(self, budget: int, batch: Batch, limit: int | None = None) -> list[NewSequence]:
         """Waiting sequences in FIFO order, each only if the blocks for its first chunk are free."""
@@ -346,12 +400,51 @@ class Scheduler:
         """
         if plan is not self._in_flight or result.step_id != plan.step.step_id:
             raise ValueError(f"result for step {result.step_id} does not match the plan in flight")
-        live = [sid for sid in plan.sample_seq_ids if self._live.get(sid) is plan.scheduled[sid][0]]
-        tokens = self._sampled_tokens(plan, result, live)
-        logprobs = self._sampled_logprobs(plan, result, live)
+        running = SequenceStatus.RUNNING  # not running: aborted (or finished) since the plan was made
+        logprobs: dict[int, Logprob] = {}
+        if result.seq_ids == plan.packed_sample_ids:  # the usual answer: every sampled sequence, in order
+            tokens = unpack_ints(result.token_ids)
+            if len(tokens) != len(plan.sample_seqs):
+                raise ValueError("result's token_ids and seq_ids disagree in length")
+            pairs: Iterable[tuple[Sequence, int]] = zip(plan.sample_seqs, tokens)
+            if plan.asks_logprobs or result.logprob_seq_ids:
+                logprobs = self._sampled_logprobs(plan, result, [s.seq_id for s in plan.sample_seqs
+                                                                 if s.status is running])
+        else:
+            live = [s.seq_id for s in plan.sample_seqs if s.status is running]
+            by_id = self._sampled_tokens(plan, result, live)
+            logprobs = self._sampled_logprobs(plan, result, live)
+            pairs = [(plan.scheduled[sid][0], by_id[sid]) for sid in live]
         self._in_flight = None
         self._commit_blocks(plan)
-        return [self._append(plan.scheduled[sid][0], tokens[sid], logprobs.get(sid)) for sid in live]
+        updates = []
+        any_finished = False
+        max_seq_len = self.max_seq_len
+        for seq, token in pairs:
+            if seq.status is not running:
+                continue
+            output = seq.output_token_ids
+            output.append(token)
+            seq.suspect = False  # it computed a step alone without killing anyone
+            new_logprobs = []
+            if logprobs and (logprob := logprobs.get(seq.seq_id)) is not None:
+                seq.logprobs.append(logprob)
+                new_logprobs.append(logprob)
+            # the stop conditions (inline: this loop runs for every sequence of every step)
+            num_output = len(output)
+            reason = None
+            # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
+            if token in seq.stop_token_ids and num_output > seq.min_tokens:
+                reason = "stop"
+            elif num_output >= seq.max_tokens or len(seq.prompt_token_ids) + num_output >= max_seq_len:
+                reason = "length"
+            if reason is not None:
+                self._finish(seq, reason)
+                any_finished = True
+            updates.append(SeqUpdate(seq, [token], new_logprobs, reason is not None))
+        if any_finished:
+            self.running = [s for s in self.running if s.status is running]
+        return updates
 
     def _sampled_tokens(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, int]:
         seq_ids = unpack_ints(result.seq_ids)
@@ -383,30 +476,6 @@ class Scheduler:
         """Cache the blocks this step filled (only now is their KV computed)."""
         if not self.config.enable_prefix_caching:
             return
-        size = self.block_size
-        for sid, (seq, n) in plan.scheduled.items():
-            end = seq.num_computed_tokens
-            if self._live.get(sid) is seq and (end - n) // size != end // size:
-                self.blocks.commit_full_blocks(sid, seq.all_token_ids, end)
-
-    def _append(self, seq: Sequence, token: int, logprob: Logprob | None) -> SeqUpdate:
-        seq.output_token_ids.append(token)
-        seq.suspect = False  # it computed a step alone without killing anyone
-        new_logprobs = []
-        if logprob is not None:
-            seq.logprobs.append(logprob)
-            new_logprobs.append(logprob)
-        reason = self._stop_reason(seq, token)
-        if reason is not None:
-            self.running.remove(seq)
-            self._finish(seq, reason)
-        return SeqUpdate(seq, [token], new_logprobs, reason is not None)
-
-    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
-        num_output = len(seq.output_token_ids)
-        # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
-        if token in seq.stop_token_ids and num_output > seq.min_tokens:
-            return "stop"
-        if num_output >= seq.max_tokens or seq.num_tokens >= self.max_seq_len:
-            return "length"
-        return None
+        for seq in plan.filled:
+            if self._live.get(seq.seq_id) is seq:
+                self.blocks.commit_full_blocks(seq.seq_id, TokenIds(seq), seq.num_computed_tokens)

@@ -34,6 +34,16 @@ def _byte_level_alphabet() -> dict[str, int]:
 
 
 _BYTE_OF_CHAR = _byte_level_alphabet()
+_BYTE_LEVEL_CHARS = frozenset(_BYTE_OF_CHAR)
+_LATIN1_OF_CHAR = {ord(c): b for c, b in _BYTE_OF_CHAR.items()}  # str.translate: a char to the byte it spells
+
+
+def _byte_level_bytes(token: str) -> bytes:
+    """What the ByteLevel decoder makes of one token: the bytes its characters spell, or, if any character
+    is outside the alphabet (an added token's plain text), the token's UTF-8 as it is."""
+    if _BYTE_LEVEL_CHARS.issuperset(token):
+        return token.translate(_LATIN1_OF_CHAR).encode("latin-1")
+    return token.encode()
 
 
 class ChatTemplateError(ValueError):
@@ -62,6 +72,14 @@ class Tokenizer:
         self.special_token_ids = frozenset(i for i, t in added.items() if t.special)
         decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""  # its JSON
         self._byte_level = b'"ByteLevel"' in decoder  # alone or inside a Sequence of decoders
+        # decode() through a ByteLevel decoder alone is the (lossy) UTF-8 decoding of the tokens' bytes joined,
+        # so text can be decoded token by token from a table of bytes (see byte_table)
+        # Built here, at start-up, not on a first request: tens of ms for a 50k vocabulary would stall the loop.
+        self._byte_tables: dict[bool, list[bytes]] = {}
+        if decoder and json.loads(decoder).get("type") == "ByteLevel":
+            spelled = [_byte_level_bytes(t or "") for t in map(backend.id_to_token, range(self.vocab_size))]
+            self._byte_tables = {False: spelled, True: [b"" if i in self.special_token_ids else b
+                                                        for i, b in enumerate(spelled)]}
         # sentencepiece-style byte fallback: "<0xE4>" tokens, one byte each, for characters outside the vocab
         ids = [backend.token_to_id(f"<0x{b:02X}>") for b in range(256)]
         fallback = getattr(backend.model, "byte_fallback", False)
@@ -118,6 +136,11 @@ class Tokenizer:
                 return list(token.encode())
         return list(token.replace("▁", " ").encode())  # sentencepiece's word-start marker is a space
 
+    def byte_table(self, skip_special_tokens: bool = True) -> list[bytes] | None:
+        """Each token id's bytes as decode() joins them (b"" for a skipped special token), when decode() is
+        exactly the lossy UTF-8 decoding of those bytes joined (a ByteLevel decoder alone); else None."""
+        return self._byte_tables.get(skip_special_tokens)
+
     def token_strings(self, ids: Sequence[int]) -> list[str]:
         """Each token's own text (OpenAI logprobs' `token`): its bytes decoded, partial characters as U+FFFD."""
         return [bytes(self.token_bytes(i)).decode("utf-8", errors="replace") for i in ids]
@@ -161,7 +184,10 @@ class IncrementalDetokenizer:
     ) -> None:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
-        context = list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
+        # Byte-level decoding needs no context: each token's bytes are decoded after the held ones alone
+        self._bytes = tokenizer.byte_table(skip_special_tokens)
+        self._held = b""  # with _bytes: the bytes of tokens not emitted yet (text ending in U+FFFD, or none)
+        context = [] if self._bytes is not None else list(prompt_token_ids[-_PROMPT_CONTEXT_TOKENS:])
         prefix = self._decode(context)
         # A prompt ending inside a character or a byte-fallback run cannot be context: the output's first
         # bytes would change the prompt's text. Decoding the output alone is then the honest answer.
@@ -177,6 +203,18 @@ class IncrementalDetokenizer:
 
     def add(self, token_ids: Sequence[int]) -> str:
         """Append generated tokens; return the text that became final (often "", never retracted later)."""
+        if (table := self._bytes) is not None:
+            n = len(table)
+            if len(token_ids) == 1:  # the usual case: one token a step
+                raw = self._held + table[t] if 0 <= (t := token_ids[0]) < n else self._held
+            else:  # decode() skips unknown ids
+                raw = self._held + b"".join([table[t] if 0 <= t < n else b"" for t in token_ids])
+            text = raw.decode("utf-8", "replace")  # decode()'s lossy decoding is Python's "replace"
+            if not text or text[-1] == _REPLACEMENT:
+                self._held = raw  # nothing visible yet, or a character that later tokens may complete
+                return ""
+            self._held = b""
+            return text
         self._window.extend(token_ids)
         fallback = self._tokenizer.byte_fallback_ids
         if fallback:
@@ -195,6 +233,9 @@ class IncrementalDetokenizer:
 
     def flush(self) -> str:
         """At the end of the sequence: whatever is still held back (an incomplete character as U+FFFD)."""
+        if self._bytes is not None:
+            text, self._held = self._held.decode("utf-8", "replace"), b""
+            return text
         text = self._decode(self._window)
         return self._emit(text) if len(text) > len(self._prefix) else ""
 

@@ -333,6 +333,56 @@ def test_detokenizer_on_random_ids_equals_decode(
     assert _stream(tok, [], ids, sizes, skip) == tok.decode(ids, skip_special_tokens=skip)
 
 
+class _WithoutByteTable:
+    """The same tokenizer, but IncrementalDetokenizer takes its general path (decoding windows of ids)."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self._tok = tok
+
+    def __getattr__(self, name: str):
+        return getattr(self._tok, name)
+
+    def byte_table(self, skip_special_tokens: bool = True) -> None:
+        return None
+
+
+def _deltas(detok: IncrementalDetokenizer, ids: list[int], sizes: list[int]) -> list[str]:
+    out, start, chunks = [], 0, iter(sizes)
+    while start < len(ids):
+        end = start + next(chunks, 1)
+        out.append(detok.add(ids[start:end]))
+        start = end
+    return [*out, detok.flush()]
+
+
+def test_byte_table_spells_each_token_as_decode_does(tok: Tokenizer) -> None:
+    for skip in (True, False):
+        table = tok.byte_table(skip)
+        assert table is not None and len(table) == tok.vocab_size
+        assert all(b.decode("utf-8", "replace") == tok.decode([i], skip) for i, b in enumerate(table))
+    assert any(b"\xf0" in b for b in table), "some tokens are parts of characters"
+
+
+def test_byte_table_only_for_a_plain_byte_level_decoder(sp: Tokenizer) -> None:
+    assert sp.byte_table() is None  # Replace, ByteFallback, Fuse, Strip: decoded by windows of ids
+
+
+@_SETTINGS
+@given(data=st.data(), skip=st.booleans(), with_prompt=st.booleans())
+def test_byte_table_detokenizer_gives_the_general_ones_deltas(
+    tok: Tokenizer, data: st.DataObject, skip: bool, with_prompt: bool
+) -> None:
+    """Delta for delta (not only joined), the byte-table path says what decoding windows of ids says."""
+    tokenized = tok.encode_batch(MULTILINGUAL + ["<|im_end|>\n<|im_start|>"])
+    ids = data.draw(st.one_of(_real_token_slices(tokenized), st.lists(st.integers(0, 49151), max_size=40)))
+    prompt = data.draw(_real_token_slices(tokenized)) if with_prompt else []
+    sizes = data.draw(_SIZES)
+    fast = IncrementalDetokenizer(tok, prompt, skip_special_tokens=skip)
+    general = IncrementalDetokenizer(_WithoutByteTable(tok), prompt, skip_special_tokens=skip)  # type: ignore[arg-type]
+    assert fast._bytes is not None and general._bytes is None
+    assert _deltas(fast, ids, sizes) == _deltas(general, ids, sizes)
+
+
 @_SETTINGS
 @given(data=st.data(), skip=st.booleans(), with_prompt=st.booleans())
 def test_detokenizer_sentencepiece(sp: Tokenizer, data: st.DataObject, skip: bool, with_prompt: bool) -> None:

@@ -1,0 +1,128 @@
+"""The daemon's hot path, in process and in milliseconds: pre-rendered SSE chunks say exactly what json.dumps
+says, streams merge a choice's deltas until read, per-step metrics count as per-token ones did, and the
+lean client of bench/daemon_cost.py reads a stream as the daemon writes it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Histogram
+
+from daemon.metrics import LATENCY_BUCKETS, observe_many
+from daemon.models import pull
+from daemon.replica import Delta, RequestStream
+from daemon.requests import parse_generation
+from daemon.responses import Response
+from daemon.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import daemon_cost  # noqa: E402
+
+TEXTS = ["", "Hello", ' "quoted" \\ back\\slash', "tab\tnew\nline\x00\x1f", "Café 日本語 😀 \ufffd", "</script>\u2028"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.from_folder(pull())
+
+
+def _response(tok: Tokenizer, chat: bool, **fields) -> Response:
+    body = {"model": "m\"odel", "stream": True, **fields}
+    body.update({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    req = parse_generation(body, chat, tok.vocab_size)
+    return Response(req, SimpleNamespace(tokenizer=tok), [[1, 2]], [])  # type: ignore[arg-type]
+
+
+def _as_dict(resp: Response, d: Delta) -> dict:
+    """The choice as the general path (json.dumps of a dict) builds it."""
+    lp = resp._logprobs(d)
+    if resp.req.chat:
+        delta = {"content": d.text} if d.text or d.finish_reason is None else {}
+        return {"index": d.index, "delta": delta, "logprobs": lp, "finish_reason": d.finish_reason}
+    return {"index": d.index, "text": d.text, "logprobs": lp, "finish_reason": d.finish_reason}
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("logprobs", [None, 2])
+def test_prerendered_chunks_equal_json_dumps(tok: Tokenizer, chat: bool, logprobs: int | None) -> None:
+    fields = {} if logprobs is None else ({"logprobs": True, "top_logprobs": logprobs} if chat else
+                                          {"logprobs": logprobs})
+    for text in TEXTS:
+        for finish in (None, "stop", "length"):
+            # rendered twice: completions' text_offset moves on with every rendering, in both paths alike
+            fast, general = _response(tok, chat, **fields), _response(tok, chat, **fields)
+            general.id, general.created = fast.id, fast.created
+            entries = [(1000, -0.5, [(1000, -0.5), (1001, -1.25)]), (1001, -2.0, [(7, -0.1), (8, -3e-9)])]
+            deltas = [Delta(0, text, [1000, 1001], entries if logprobs else [], finish), Delta(1, text)]
+            rendered = fast._chunk_head() + ",".join(fast._choice(d) for d in deltas).encode() + b"]}\n\n"
+            assert rendered == general._chunk([_as_dict(general, d) for d in deltas])
+            json.loads(rendered[6:])
+
+
+@pytest.mark.asyncio
+async def test_stream_merges_a_choices_deltas_until_read() -> None:
+    stream = RequestStream(2)
+    stream.push(0, "a", [1])
+    stream.push(1, "x", [9])
+    stream.push(0, "b", [2], [(2, -0.5, [])])
+    stream.push(0, "", [3], None, "length")
+    reader = asyncio.ensure_future(stream.get())
+    await asyncio.sleep(0)
+    assert reader.done(), "deltas were waiting: get() does not wait for a wake-up"
+    first, second = reader.result()
+    assert (first.text, first.token_ids, first.logprobs, first.finish_reason) == ("ab", [1, 2, 3], [(2, -0.5, [])],
+                                                                                  "length")
+    assert (second.index, second.text) == (1, "x") and not stream.finished
+    reader = asyncio.ensure_future(stream.get())
+    await asyncio.sleep(0)  # the reader waits now
+    stream.push(1, "y", [10], None, "stop")  # pushed without a wake-up: the reader keeps waiting
+    await asyncio.sleep(0.01)
+    assert not reader.done()
+    stream.wake()
+    assert [d.text for d in await asyncio.wait_for(reader, 1)] == ["y"]
+    assert stream.finished and await stream.get() == []
+
+
+def test_observe_many_counts_as_repeated_observe() -> None:
+    registry = CollectorRegistry()
+    one = Histogram("one", "", buckets=LATENCY_BUCKETS, registry=registry)
+    many = Histogram("many", "", buckets=LATENCY_BUCKETS, registry=registry)
+    for value, count in ((0.004, 3), (0.02, 5), (0.0201, 1), (1e9, 2), (0.0, 4)):
+        for _ in range(count):
+            one.observe(value)
+        observe_many(many, value, count)
+    samples = {m.name: {(s.name.replace("many", "one"), s.labels.get("le")): s.value for s in m.samples
+                        if not s.name.endswith("_created")} for m in registry.collect()}
+    assert samples["many"].keys() == samples["one"].keys()
+    for key, value in samples["one"].items():
+        assert samples["many"][key] == pytest.approx(value), key
+
+
+@pytest.mark.asyncio
+async def test_lean_client_reads_what_the_daemon_streams(aiohttp_server) -> None:
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for k in range(body["max_tokens"]):
+            await resp.write(b'data: {"choices":[{"index":0,"text":"t%d"}]}\n\n' % k)
+        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"]}
+        await resp.write(b'data: {"choices":[],"usage":' + json.dumps(usage).encode() + b"}\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    server = await aiohttp_server(app)
+    spec = daemon_cost.ClientSpec(port=server.port, model="m", streams=3, requests=7, duration_s=20,
+                                  max_tokens=5, prompts=[[1, 2, 3]])
+    res = await daemon_cost.run_client(spec)
+    assert (res.completed, res.failed, res.tokens, res.short, res.cut) == (7, 0, 35, 0, 0)
+    assert res.chunks == 7 * 7  # five tokens, the usage and [DONE]
