@@ -9,6 +9,7 @@ serves the admin API's operations. Model names are resolved (and pulled) off the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -105,17 +106,26 @@ class Control:
 
     # ------------------------------------------------------------------ the control loop
     async def run(self, interval_s: float = 1.0) -> None:
+        """A round every `interval_s`, and one as soon as the engine reports a change (a worker came, went
+        or failed to load), so replicas are replaced and workers put to use without waiting for the timer."""
+        changed = asyncio.Event()
+        self.engine.on_change = changed.set
         while True:
             try:
                 self.tick()
             except Exception:  # keep controlling: one bad round must not end rollouts for good
                 log.exception("control round failed")
-            await asyncio.sleep(interval_s)
+            changed.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval_s):  # (wait_for here could swallow a cancel on 3.11)
+                    await changed.wait()
 
     def tick(self) -> None:
         now = self.clock()
         self._size_elastic()
         for dep in list(self.deployments.values()):
+            if (dep.rollout is None or not dep.rollout.active) and self.stats[dep.spec.name].size:
+                self.stats[dep.spec.name] = StatsWindow(self.stats_horizon_s)  # judged: free the samples
             before = (dep.spec, self._rollout_state(dep))
             actions = dep.tick(now, self.observe(dep))
             self._execute(dep, actions, changed=(dep.spec, self._rollout_state(dep)) != before)
@@ -205,10 +215,12 @@ class Control:
         return choose_version(weights, key, self.rng) if weights else None
 
     def record(self, deployment: str, version: str, ok: bool, ttft_s: float | None, itl_s: list[float]) -> None:
-        """One finished request, for canary judgement."""
-        window = self.stats.get(deployment)
-        if window is not None and version:
-            window.record(version, self.clock(), ok, ttft_s, itl_s)
+        """One finished request, for canary judgement: kept only while a rollout that judges by them runs
+        (so the daemon's memory does not grow with requests otherwise)."""
+        dep = self.deployments.get(deployment)
+        if dep is None or dep.rollout is None or not dep.rollout.active or dep.rollout.window_start is None:
+            return
+        self.stats[deployment].record(version, self.clock(), ok, ttft_s, itl_s)
 
     @property
     def ready(self) -> bool:

@@ -130,6 +130,12 @@ class Engine:
         self.on_dead: Callable[[str, int, str], None] | None = None
         # called when a replica waits for a worker and none is free: the supervisor may start one
         self.on_need_worker: Callable[[], None] | None = None
+        # called when workers come, go or fail to load: the control loop reacts now, not at its next round
+        self.on_change: Callable[[], None] | None = None
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
 
     # ------------------------------------------------------------------ state
     @property
@@ -247,6 +253,7 @@ class Engine:
             self._welcome(identity, wid, entry.incarnation)
             log.info("worker %s registered holding no model (pid %d on %s)", wid, hello.pid, hello.host)
             self._assign_pending()
+            self._changed()
             return
         try:
             replica = Replica(hello, identity, self.endpoint, self.scheduler_config, next(self._incarnations),
@@ -286,6 +293,7 @@ class Engine:
                  f" serving {replica.labels[0]} {replica.labels[1]}" if replica.replica_id else " as a spare")
         self._assign_pending()
         self._place_orphans()
+        self._changed()
         # A block pool is up to millions of long-lived objects: keep full collections from walking them
         # again and again (each walk stalled every stream for ~0.1 s in a profile). Registrations are
         # rare, so collect once first, which also frees the pools of replicas that are gone.
@@ -418,6 +426,7 @@ class Engine:
                   pending.target.folder, message)
         del self.pending[pending.replica_id]
         self.dead.append((pending.target.deployment, pending.target.version, pending.replica_id))
+        self._changed()
 
     # ------------------------------------------------------------------ health and failover
     async def health_loop(self) -> None:
@@ -494,6 +503,7 @@ class Engine:
             self._unload(replica.worker_id)
         if kill and self.on_dead is not None:
             self.on_dead(replica.worker_id, replica.hello.pid, reason)
+        self._changed()
 
     def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
         if isinstance(exc, zmq.ZMQError):

@@ -103,6 +103,11 @@ class StatsWindow:
             while q and q[0][0] < at - self.horizon_s:
                 q.popleft()
 
+    @property
+    def size(self) -> int:
+        """Samples held (requests and inter-token gaps)."""
+        return sum(map(len, self._requests.values())) + sum(map(len, self._itl.values()))
+
     def stats(self, version: str, since: float) -> VersionStats:
         window = [r for r in self._requests.get(version, ()) if r[0] >= since]
         ttfts = [r[2] for r in window if r[2] is not None]

@@ -19,7 +19,7 @@ import zmq
 from server import NimbusServer
 from tiny_models import make_tiny_smollm2
 
-from protocol.messages import Error, Hello, Welcome, decode, encode
+from protocol.messages import Hello, Welcome, decode, encode
 
 VOCAB = 49152  # SmolLM2's tokenizer
 MAX_LEN = 256  # the tiny model's max_position_embeddings: the server's context length

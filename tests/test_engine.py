@@ -490,8 +490,10 @@ async def test_heartbeats_are_echoed_and_unknown_ones_refused(tmp_path, model):
         a.mute_heartbeats = True
         await until(lambda: not h.engine.replicas["A"].alive, what="A declared dead")
         a.mute_heartbeats = False
+        # registered again, and serving again once the control loop (woken by the registration) assigns it
         await until(lambda: a.incarnation > first and h.engine.replicas["A"].alive
-                    and h.engine.replicas["A"].incarnation == a.incarnation, what="A registered again")
+                    and h.engine.replicas["A"].incarnation == a.incarnation
+                    and h.engine.replicas["A"].replica_id is not None, what="A registered again")
         reader, _, placed = h.submit(PROMPT, 5)
         assert placed == "A"
         assert (await reader.finish()).tokens == expected_tokens(PROMPT, 5)
