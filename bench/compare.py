@@ -2,6 +2,7 @@
 
 Workloads (completions endpoint, greedy, ignore_eos + min_tokens, the folder's tokenizer, the same seeds for both):
   burst          64 requests at once, 256 prompt tokens, 128 output tokens;
+  online         Poisson arrivals at --online-fraction (0.6) of vLLM's burst req/s, 100 requests, 256 in / 128 out;
   sweep          Poisson arrivals at 0.25x, 0.5x and 0.75x of vLLM's burst req/s, --sweep-requests each,
                  256 prompt tokens, 64 output tokens;
   shared-prefix  64 requests at once sharing a 512-token prefix, each with its own 64-token suffix, 64 output tokens;
@@ -14,6 +15,11 @@ Every part records the 1-minute load average before and after, the CPU seconds o
 processes of its session), of the client, of the other server and of everything else on the machine (others).
 
     .venv/bin/python bench/compare.py [--out /tmp/compare] [--quick] [--repeat] [--order interleaved|sequential]
+        [--parts burst,online,shared-prefix] [--nimbus-config 'dtype = "bfloat16"']
+
+The ceiling (issue 7): the FLOPs each workload needs (prompt tokens x forward FLOPs without the LM head, plus
+generated tokens x full forward FLOPs, weight matmuls only) over its duration, against the float32 2048^3
+matmul rate this script measures at its start (and end, to see drift).
 
 Needs vLLM's CPU build in /work/vllm-venv (see shared/NOTES.md; override with --vllm-python).
 """
@@ -55,12 +61,13 @@ def session_cpu_s(sid: int) -> float:
 
 
 class VLLM:
-    """vLLM's OpenAI server (CPU build, float32) on `folder`, in its own session; log in out/vllm.log."""
+    """vLLM's OpenAI server (CPU build, `dtype`) on `folder`, in its own session; log in out/vllm.log."""
 
     name = "vllm"
 
-    def __init__(self, out: Path, folder: Path, python: str) -> None:
+    def __init__(self, out: Path, folder: Path, python: str, dtype: str = "float32") -> None:
         self.out, self.folder, self.python, self.port = out, folder, python, free_port()
+        self.dtype = dtype
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
@@ -75,7 +82,7 @@ class VLLM:
     def __enter__(self) -> VLLM:
         log = (self.out / "vllm.log").open("a")
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32",
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
                "--enable-prompt-tokens-details"]  # usage reports prefix-cache hits (cached tokens), as Nimbus does
         start = time.monotonic()
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -106,10 +113,11 @@ class VLLM:
 
 
 class Nimbus(Server):
-    """`nimbus serve` with one worker on the default model (bench/serve.py's Server), timed to ready."""
+    """`nimbus serve` with one worker on the default model (bench/serve.py's Server), timed to ready.
+    `extra_config`: TOML lines for [workers] (e.g. dtype = "bfloat16"), then any other sections."""
 
-    def __init__(self, out: Path) -> None:
-        super().__init__(out, workers=1, null_model=False)
+    def __init__(self, out: Path, extra_config: str = "") -> None:
+        super().__init__(out, workers=1, null_model=False, extra_config=extra_config)
         self.name, self.startup_s = "nimbus", 0.0  # also names its config and log in out/
 
     @property
@@ -126,15 +134,67 @@ class Nimbus(Server):
 def workloads(quick: bool, sweep_requests: int) -> dict[str, dict[str, Any]]:
     if quick:
         return {"burst": dict(workload="burst", num_requests=4, input_len=256, output_len=16, seed=101),
+                "online": dict(workload="poisson", num_requests=4, input_len=256, output_len=8, seed=505),
                 "sweep": dict(workload="sweep", num_requests=3, input_len=256, output_len=8, seed=202),
                 "shared-prefix": dict(workload="shared-prefix", num_requests=4, prefix_len=512, input_len=64,
                                       output_len=8, seed=303),
                 "burst-repeat": dict(workload="burst", num_requests=4, input_len=256, output_len=16, seed=404)}
     return {"burst": dict(workload="burst", num_requests=64, input_len=256, output_len=128, seed=101),
+            # issue 7: Poisson arrivals at about 60% of vLLM's burst request rate, 100 requests
+            "online": dict(workload="poisson", num_requests=100, input_len=256, output_len=128, seed=505),
             "sweep": dict(workload="sweep", num_requests=sweep_requests, input_len=256, output_len=64, seed=202),
             "shared-prefix": dict(workload="shared-prefix", num_requests=64, prefix_len=512, input_len=64,
                                   output_len=64, seed=303),
             "burst-repeat": dict(workload="burst", num_requests=64, input_len=256, output_len=128, seed=404)}
+
+
+MATMUL_PROBE = """
+import json, time, torch
+torch.set_num_threads({threads})
+out = {{}}
+for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    a, b = torch.randn(2048, 2048).to(dtype), torch.randn(2048, 2048).to(dtype)
+    for _ in range(3):
+        a @ b
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(4):
+            a @ b
+        best = min(best, (time.perf_counter() - t) / 4)
+    out[name] = 2 * 2048 ** 3 / best / 1e9
+print(json.dumps(out))
+"""
+
+
+def matmul_rate(threads: int) -> dict[str, float]:
+    """This machine's matrix-multiply rate now (GFLOP/s, 2048^3, best of 5): the ceiling's denominator."""
+    done = subprocess.run([sys.executable, "-c", MATMUL_PROBE.format(threads=threads)], capture_output=True,
+                          text=True, check=True)
+    return json.loads(done.stdout)
+
+
+def forward_flops(folder: Path) -> tuple[float, float]:
+    """(FLOPs per token of the forward pass without the LM head, FLOPs of the LM head per token): the weight
+    matrix multiplies only (2 per multiply-add), as issue 7 counts them; attention's own work is left out."""
+    c = json.loads((folder / "config.json").read_text())
+    h, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    heads = c["num_attention_heads"]
+    head_dim = c.get("head_dim") or h // heads
+    kv = c.get("num_key_value_heads", heads) * head_dim
+    per_layer = h * (heads * head_dim + 2 * kv) + heads * head_dim * h + 3 * h * inter
+    return 2.0 * layers * per_layer, 2.0 * h * c["vocab_size"]
+
+
+def ceiling(row: dict[str, Any], flops: tuple[float, float], rate_gflops: float) -> dict[str, float]:
+    """The FLOPs a workload needs (every prompt token through the body, cached or not; every generated token
+    through the whole model), and the fraction of the matmul rate the server reached over the run."""
+    w = row["workload"]
+    prompt = w.get("prefix_len", 0) * (w["workload"] == "shared-prefix") + w["input_len"]
+    body, head = flops
+    total = row["completed"] * (prompt * body + w["output_len"] * (body + head))
+    return {"flops": total, "achieved_gflops": total / row["duration_s"] / 1e9,
+            "ceiling_fraction": total / row["duration_s"] / 1e9 / rate_gflops}
 
 
 def warm(server: Any, folder: Path) -> None:
@@ -241,6 +301,12 @@ def main() -> int:
     parser.add_argument("--sweep-requests", type=int, default=32, help="requests per sweep rate")
     parser.add_argument("--vllm-python", default="/work/vllm-venv/bin/python")
     parser.add_argument("--model", default=str(Path("~/.cache/nimbus/models/SmolLM2-135M-Instruct").expanduser()))
+    parser.add_argument("--parts", default="burst,online,shared-prefix",
+                        help="workloads in order, from burst, online, sweep, shared-prefix, burst-repeat")
+    parser.add_argument("--vllm-dtype", default="float32", help="vLLM's --dtype (try float32 and bfloat16)")
+    parser.add_argument("--online-fraction", type=float, default=0.6, help="online rate / vLLM's burst req/s")
+    parser.add_argument("--nimbus-config", default="",
+                        help='TOML lines for Nimbus\'s [workers], then sections, e.g. \'dtype = "bfloat16"\'')
     args = parser.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -248,50 +314,67 @@ def main() -> int:
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **versions(args.vllm_python), "load_at_start": os.getloadavg()}
     print(json.dumps(info), flush=True)
+    info["nimbus_config"], info["vllm_dtype"] = args.nimbus_config, args.vllm_dtype
+    info["matmul_gflops_start"] = matmul_rate(2)
+    flops = forward_flops(folder)
     loads = workloads(args.quick, args.sweep_requests)
-    parts = ["burst", "sweep", "shared-prefix"] + (["burst-repeat"] if args.repeat else [])
+    parts = args.parts.split(",") + (["burst-repeat"] if args.repeat else [])
+    if ("sweep" in parts or "online" in parts) and parts[0] != "burst":
+        parser.error("sweep and online rates come from vLLM's burst: put burst first")
     rows: list[dict[str, Any]] = []
     startup: dict[str, float] = {}
 
     def sweep_rates() -> None:  # from vLLM's burst req/s: the sweep goes below the saturated rate
         base = next(r["request_throughput"] for r in rows if r["server"] == "vllm" and r["part"] == "burst")
         loads["sweep"]["rates"] = ",".join(f"{f * base:.4f}" for f in SWEEP_FRACTIONS)
+        loads["online"]["rate"] = round(args.online_fraction * base, 4)
 
     def save() -> None:
         (out / "compare.json").write_text(json.dumps({**info, "startup_s": startup, "rows": rows,
                                                       "ratios": ratios(rows)[0]}, indent=1) + "\n")
 
+    def measure(server: Any, other: Any, part: str) -> None:
+        if part in ("sweep", "online") and "rates" not in loads["sweep"]:
+            sweep_rates()
+        new = run_part(server, other, folder, out, part, loads[part])
+        for row in new:
+            row.update(ceiling(row, flops, info["matmul_gflops_start"]["float32"]))
+        rows.extend(new)
+        save()
+
     if args.order == "interleaved":
-        with VLLM(out, folder, args.vllm_python) as vllm:
+        with VLLM(out, folder, args.vllm_python, args.vllm_dtype) as vllm:
             startup["vllm"] = vllm.startup_s
             print(f"vLLM ready in {vllm.startup_s:.1f} s", flush=True)
-            with Nimbus(out) as nimbus:
+            with Nimbus(out, args.nimbus_config) as nimbus:
                 startup["nimbus"] = nimbus.startup_s
                 print(f"Nimbus ready in {nimbus.startup_s:.1f} s", flush=True)
                 warm(vllm, folder)
                 warm(nimbus, folder)
                 for part in parts:
                     for server, other in ((vllm, nimbus), (nimbus, vllm)):
-                        if part == "sweep" and "rates" not in loads["sweep"]:
-                            sweep_rates()
-                        rows.extend(run_part(server, other, folder, out, part, loads[part]))
-                        save()
+                        measure(server, other, part)
     else:
-        for make in (lambda: VLLM(out, folder, args.vllm_python), lambda: Nimbus(out)):
+        for make in (lambda: VLLM(out, folder, args.vllm_python, args.vllm_dtype),
+                     lambda: Nimbus(out, args.nimbus_config)):
             with make() as server:
                 startup[server.name] = server.startup_s
                 print(f"{server.name} ready in {server.startup_s:.1f} s", flush=True)
                 warm(server, folder)
                 for part in parts:
-                    if part == "sweep" and "rates" not in loads["sweep"]:
-                        sweep_rates()
-                    rows.extend(run_part(server, None, folder, out, part, loads[part]))
-                    save()
+                    measure(server, None, part)
     info["load_at_end"] = os.getloadavg()
+    info["matmul_gflops_end"] = matmul_rate(2)
     save()
     print(markdown(rows))
     print()
     print(ratios(rows)[1])
+    rate = info["matmul_gflops_start"]["float32"]
+    print(f"\nceiling: float32 matmul {rate:.0f} GFLOP/s at the start, "
+          f"{info['matmul_gflops_end']['float32']:.0f} at the end (bfloat16 {info['matmul_gflops_start']['bfloat16']:.0f})")
+    for r in rows:
+        print(f"  {label(r)} {r['server']}: {r['flops'] / 1e12:.2f} TFLOP in {r['duration_s']:.1f} s = "
+              f"{r['achieved_gflops']:.0f} GFLOP/s, {100 * r['ceiling_fraction']:.0f}% of the float32 ceiling")
     print(f"\nstart-up: {', '.join(f'{k} {v:.1f} s' for k, v in startup.items())}; results in {out}/compare.json")
     return 0
 
