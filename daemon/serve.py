@@ -180,7 +180,14 @@ async def serve(config: NimbusConfig, folder: Path | None, stop: asyncio.Event |
     metrics = Metrics()
     engine = Engine(endpoint, config.scheduler, health_config(config), metrics=metrics)
     control = Control(engine, store, lambda name: resolve_model(name, pull=True))
-    await control.start(deployments)
+    try:
+        await control.start(deployments)
+    except BaseException:  # nothing else has started yet: release what has
+        endpoint.close()
+        ctx.term()
+        socket_path.unlink(missing_ok=True)
+        store.close()
+        raise
     # one local worker per replica wanted (the database's deployments included) unless workers.count says
     wanted = sum(v.replicas for d in control.deployments.values() for v in d.spec.versions)
     workers = LocalWorkers(config.workers, address, on_exit=engine.worker_exited, log_format=config.server.log_format,
