@@ -340,9 +340,6 @@ class Engine:
                 log.info("replica %s stopped; worker %s is a spare", replica_id, r.worker_id)
         self._assign_pending()
 
-    def ready_for(self, deployment: str) -> bool:
-        return bool(self.versions_up(deployment))
-
     def replica_views(self, deployment: str) -> list[tuple[str, str, str]]:
         """(replica id, version, state) of a deployment: pending, loading, up, draining, drained."""
         views = [(p.replica_id, p.target.version, "pending" if p.worker_id is None else "loading")

@@ -31,6 +31,17 @@ def with_setting(config: str, section: str, line: str) -> str:
     return f"{head}{header}\n{line}{body}{nxt}{tail}"
 
 
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.1):
+    """Polls `predicate` until it returns something truthy (returned), or fails the test after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out after {timeout}s waiting for {what}"
+            return value
+        time.sleep(interval)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from server import ADMIN, ADMIN_KEY, ROOT, NimbusServer
+from server import ADMIN, ADMIN_KEY, ROOT, NimbusServer, wait_for
 from tiny_models import make_tiny_smollm2
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -46,16 +46,6 @@ def deployment(name: str, *versions: tuple[str, str, int, float]) -> str:
 
 def admin(server: NimbusServer, method: str, path: str, body: object = None) -> httpx.Response:
     return httpx.request(method, server.url + path, headers=ADMIN, json=body, timeout=30)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def nimbus(server: NimbusServer, *args: str) -> subprocess.CompletedProcess:

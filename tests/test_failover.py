@@ -15,7 +15,7 @@ import time
 import httpx
 import openai
 import pytest
-from server import NimbusServer
+from server import NimbusServer, wait_for
 
 from daemon.models import pull
 
@@ -46,16 +46,6 @@ def server(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("failover")
     with NimbusServer(pull(), workers=2, config=_config(tmp), tmp=tmp) as srv:
         yield srv
-
-
-def _wait(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def _both_up(server) -> bool:
@@ -91,20 +81,20 @@ def _stream_all(server, fault=None) -> list[str]:
 
 
 def test_sigkill_a_worker_mid_stream_loses_nothing(server):
-    _wait(lambda: _both_up(server), 120, "both workers up")
+    wait_for(lambda: _both_up(server), 120, "both workers up")
     reference = _stream_all(server)
     victim = server.workers_info()["local-0"]
     restarts_before = victim["restarts"]
     texts = _stream_all(server, fault=lambda: os.kill(victim["pid"], signal.SIGKILL))
     assert texts == reference
-    info = _wait(lambda: (i := server.workers_info()) and i["local-0"]["state"] == "up"
+    info = wait_for(lambda: (i := server.workers_info()) and i["local-0"]["state"] == "up"
                  and i["local-0"]["pid"] != victim["pid"] and i, 120, "local-0 restarted")
     assert info["local-0"]["restarts"] == restarts_before + 1
     assert info["local-0"]["incarnation"] > victim["incarnation"]
 
 
 def test_sigstop_a_worker_is_declared_dead_and_replaced(server):
-    _wait(lambda: _both_up(server), 120, "both workers up")
+    wait_for(lambda: _both_up(server), 120, "both workers up")
     reference = _stream_all(server)
     victim = server.workers_info()["local-1"]
     stopped_at = []
@@ -115,15 +105,15 @@ def test_sigstop_a_worker_is_declared_dead_and_replaced(server):
 
     try:
         texts = _stream_all(server, fault=freeze)
-        declared = _wait(lambda: server.workers_info()["local-1"]["incarnation"] != victim["incarnation"]
+        declared = wait_for(lambda: server.workers_info()["local-1"]["incarnation"] != victim["incarnation"]
                          or server.workers_info()["local-1"]["state"] != "up", 30, "local-1 declared dead")
         assert declared
         # heartbeat_timeout_s is 2 s; the health check runs every 0.2 s
         dead_after = time.monotonic() - stopped_at[0]
         assert texts == reference
-        _wait(lambda: not _pid_alive(victim["pid"]), 10, "the frozen process killed")
+        wait_for(lambda: not _pid_alive(victim["pid"]), 10, "the frozen process killed")
         assert dead_after < 60  # the streams above finished only after it was declared dead
-        info = _wait(lambda: (i := server.workers_info())["local-1"]["state"] == "up"
+        info = wait_for(lambda: (i := server.workers_info())["local-1"]["state"] == "up"
                      and i["local-1"]["pid"] != victim["pid"] and i, 120, "local-1 replaced")
         assert info["local-1"]["pid"] != victim["pid"]
     finally:
@@ -132,12 +122,12 @@ def test_sigstop_a_worker_is_declared_dead_and_replaced(server):
 
 
 def test_sigstop_is_detected_within_the_heartbeat_timeout(server):
-    _wait(lambda: _both_up(server), 120, "both workers up")
+    wait_for(lambda: _both_up(server), 120, "both workers up")
     victim = server.workers_info()["local-0"]
     t0 = time.monotonic()
     os.kill(victim["pid"], signal.SIGSTOP)
     try:
-        _wait(lambda: server.workers_info()["local-0"]["incarnation"] != victim["incarnation"]
+        wait_for(lambda: server.workers_info()["local-0"]["incarnation"] != victim["incarnation"]
               or server.workers_info()["local-0"]["state"] != "up", 15, "local-0 declared dead")
         assert time.monotonic() - t0 < 2.0 + 1.5  # heartbeat_timeout_s plus a margin
     finally:
@@ -165,7 +155,7 @@ def _complete(server, prompt, **kw) -> httpx.Response:
 
 @pytest.mark.parametrize("token,how", [(CRASH_TOKEN, "crash"), (STALL_TOKEN, "hang")])
 def test_poison_request_fails_alone(server, token, how):
-    _wait(lambda: _both_up(server), 120, "both workers up")
+    wait_for(lambda: _both_up(server), 120, "both workers up")
     before = server.admin()
 
     async def main():
@@ -183,7 +173,7 @@ def test_poison_request_fails_alone(server, token, how):
     assert after["poisoned"] == before["poisoned"] + 1
     assert after["worker_deaths"] >= before["worker_deaths"] + 2
     # the workers come back and serve
-    _wait(lambda: _both_up(server), 120, f"workers restarted after the {how}")
+    wait_for(lambda: _both_up(server), 120, f"workers restarted after the {how}")
     assert _complete(server, "Still alive?").status_code == 200
 
 

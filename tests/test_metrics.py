@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from server import NimbusServer
+from server import NimbusServer, wait_for
 from tiny_models import make_tiny_smollm2
 
 MODEL = "tiny-smollm2"
@@ -111,16 +111,6 @@ def statuses(d: Delta, version: str) -> dict[str, float]:
 
 def expect_statuses(d: Delta, version: str, **moved: int) -> None:
     assert statuses(d, version) == {s: moved.get(s, 0) for s in STATUSES}
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > deadline:
-            assert value, f"timed out after {timeout}s waiting for {what}"
-            return value
-        time.sleep(0.05)
 
 
 def new_id(tag: str) -> str:
