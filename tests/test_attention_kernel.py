@@ -118,3 +118,17 @@ def test_backend_selection(monkeypatch):
         select_attention(cpu, torch.float32, 64)
     with pytest.raises(ValueError, match="CPU"):
         select_attention(torch.device("cuda"), torch.bfloat16, 64, "paged")
+
+
+def test_many_decodes_take_whole_sequences(paged):
+    # enough decodes that one work item covers every kv head of its sequence (see make_items)
+    lens = [1, 2, 15, 16, 17, 40, 64, 65, 130, 257, 300, 511, 700] * 2
+    compare(paged, [1] * len(lens), [n - 1 for n in lens], kv_heads=3, group=3, head_dim=64)
+    compare(paged, [1] * len(lens), [n - 1 for n in lens], atol=3e-2, dtype=torch.bfloat16, kv_heads=2, group=4,
+            head_dim=128)
+
+
+def test_prefill_spans_several_key_stages(paged):
+    # keys are staged 256 at a time with an online softmax across stages: chunks far into a long context
+    compare(paged, [70, 520, 3], [600, 0, 900], kv_heads=3, group=3, head_dim=64)
+    compare(paged, [70, 300], [600, 0], atol=3e-2, dtype=torch.bfloat16, kv_heads=3, group=3, head_dim=64)

@@ -9,10 +9,16 @@
 //   query_start     int32 [S+1]  rows of sequence s are query_start[s] .. query_start[s+1]-1
 //   context_lens    int32 [S]    positions attended after this step; the chunk ends at the last one
 //
-// Work is split into items (sequence, kv head, tile of up to QT query tokens) handed out dynamically to
-// the torch intra-op threads: a prefill tile late in a long prompt costs many times a decode item.
-// One item processes the G = H/KVH query heads of its kv head together so each K/V row is read once.
-// Keys go in tiles of 16; softmax is online (running max and sum per query row), accumulated in float.
+// Work is split into items handed out dynamically to the torch intra-op threads, longest first:
+//   decode   (sequence, kv heads): with many decodes in the step an item takes every kv head of its sequence,
+//            so each KV block is read whole and front to back; with few, one kv head, so every thread has work.
+//            Decode is bound by memory: K then V are streamed once each, with software prefetch a fixed
+//            distance ahead, and scores for the whole context are kept (two passes, no online rescaling).
+//   prefill  (sequence, kv head, tile of up to QT query tokens): keys are staged KC at a time into float scratch
+//            and both products (Q K^T and P V) run as small register-blocked matrix multiplies; softmax is online
+//            across stages. Tiles wholly in a row block's future are skipped.
+// The G = H/KVH query heads of a kv head are always processed together so each K/V row is read once.
+// Accumulation is in float32 for both dtypes.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -29,13 +35,15 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace {
 
 // GCC/Clang vector extensions: explicit 16-float vectors the compiler maps onto whatever the CPU has
 // (one AVX-512 register, two AVX2 ones, four NEON ones) without intrinsics, so the build stays portable.
 constexpr int W = 16;   // floats per vector, and keys per tile
-constexpr int QT = 16;  // query tokens per work item in a prefill chunk
-constexpr int RB = 4;   // query rows handled together: independent accumulators sharing each key load
 constexpr int MAX_NV = 16;  // head_dim up to 256
 typedef float vf __attribute__((vector_size(64)));
 typedef int32_t vi __attribute__((vector_size(64)));
@@ -49,9 +57,15 @@ inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; 
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf load16(const float* p) { return loadu(p); }
 inline vf load16(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
+#ifdef __AVX512F__
+  // one widening load; the generic form below compiles to two half-width ones and a lane insert
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return std::bit_cast<vf>(_mm512_slli_epi32(wide, 16));
+#else
   vh h;
   std::memcpy(&h, p, sizeof h);
   return std::bit_cast<vf>(__builtin_convertvector(h, vi) << 16);
+#endif
 }
 inline void store_row(float* dst, const float* src, int64_t d) { std::memcpy(dst, src, d * sizeof(float)); }
 inline void store_row(c10::BFloat16* dst, const float* src, int64_t d) {
@@ -104,219 +118,376 @@ struct Problem {
 };
 
 struct Item {
-  int32_t seq, kv_head, q_begin, q_end;  // q_* relative to the sequence's first query row
-  int64_t cost;                         // keys scanned x rows, to hand out the longest first
+  int32_t seq, head_begin, head_end;  // kv heads [head_begin, head_end)
+  int32_t q_begin, q_end;             // query tokens, relative to the sequence's first query row
+  int64_t cost;                       // keys scanned x query heads x tokens, to hand out the longest first
 };
 
-// Element offsets (into one layer's key or value pool) of the rows of positions k0 .. k0+n-1 for a kv head.
-inline void tile_rows(const Problem& P, const int32_t* table, int64_t k0, int n, int64_t kv_head, int64_t* rows) {
+// Per-thread scratch, grown on demand and reused across calls and layers.
+struct Scratch {
+  std::vector<float> q, acc, s, kt, v, max, sum;
+  std::vector<int64_t> rows;
+  static void fit(std::vector<float>& x, int64_t n) {
+    if (x.size() < size_t(n)) x.resize(n);
+  }
+};
+
+// Element offsets (into one layer's key or value pool, kv head 0) of the rows of positions k0 .. k0+n-1.
+inline void tile_rows(const Problem& P, const int32_t* table, int64_t k0, int64_t n, int64_t* rows) {
   int64_t block = k0 / P.block_size, offset = k0 % P.block_size;
   const int64_t row = P.kv_heads * P.head_dim;
-  for (int j = 0; j < n; ++j) {
-    rows[j] = (int64_t(table[block]) * P.block_size + offset) * row + kv_head * P.head_dim;
+  for (int64_t j = 0; j < n; ++j) {
+    rows[j] = (int64_t(table[block]) * P.block_size + offset) * row;
     if (++offset == P.block_size) offset = 0, ++block;
   }
 }
 
+// Asks for the rows of kv heads [h0, h1) at the given positions: contiguous within a position, and within a
+// block when the item covers every head, so the hardware gets whole lines early.
 template <typename T>
-inline void prefetch_rows(const T* base, const int64_t* rows, int n, int64_t d) {
-  for (int j = 0; j < n; ++j)
-    for (int64_t b = 0; b < d * int64_t(sizeof(T)); b += 64)
-      __builtin_prefetch(reinterpret_cast<const char*>(base + rows[j]) + b);
+inline void prefetch_rows(const T* base, const int64_t* rows, int64_t n, int64_t h0, int64_t h1, int64_t d) {
+  const int64_t bytes = (h1 - h0) * d * int64_t(sizeof(T));
+  for (int64_t j = 0; j < n; ++j) {
+    const char* p = reinterpret_cast<const char*>(base + rows[j] + h0 * d);
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b);
+  }
 }
 
-// Online softmax update of one row for one tile: scores s (lanes >= visible ignored) -> weights p.
-// Returns the factor the row's accumulator must be scaled by before adding this tile.
-inline float softmax_step(vf s, int visible, float& row_max, float& row_sum, float* p) {
-  const auto live = IOTA < visible;
-  const float new_max = std::max(row_max, hmax(live ? s : splat(NEG_INF)));
-  // 0 on the first tile (row_max = -inf); mostly 1 later on, where the libm call is skipped
-  const float correction = new_max == row_max ? 1.0f : std::exp(row_max - new_max);
-  const vf e = live ? vexp(s - new_max) : vf{};
-  row_max = new_max;
-  row_sum = row_sum * correction + hsum(e);
-  storeu(p, e);
-  return correction;
+// lane j of the result = the sum of the lanes of d[j]: sixteen dot products finished with 30 shuffles
+// instead of sixteen horizontal sums.
+inline vf reduce16(const vf* d) {
+  vf a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i)  // a[i]: lanes 0-7 partials of d[2i], 8-15 of d[2i+1]
+    a[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(d[2 * i], d[2 * i + 1], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30,
+                                   31);
+  for (int i = 0; i < 4; ++i)  // b[i]: lanes 4k..4k+3 partials of d[4i+k]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  for (int i = 0; i < 2; ++i)  // c[i]: lanes 2k, 2k+1 partials of d[8i+k]
+    c[i] = __builtin_shufflevector(b[2 * i], b[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29) +
+           __builtin_shufflevector(b[2 * i], b[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
+  return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
+         __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
 
-// Decode: one query token, R query heads of one kv head. Dot products straight from the cache rows;
-// q and the accumulators stay in registers across the whole context.
-template <typename T, int NVC, int R>
-void decode_rows(const Problem& P, int64_t seq, int64_t kv_head, int64_t g0) {
+// Softmax of one row's scores s[0, n) in place, padded with zeros to the next multiple of W; returns the sum of
+// the exponentials (s is left unnormalised: the caller divides once at the end).
+inline float exp_row(float* s, int64_t n, float& row_max) {
+  vf m = splat(NEG_INF);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    const vf x = loadu(s + j);
+    m = x > m ? x : m;
+  }
+  if (j < n) {
+    const vf x = IOTA < int(n - j) ? loadu(s + j) : splat(NEG_INF);
+    m = x > m ? x : m;
+  }
+  row_max = hmax(m);
+  vf sum{};
+  for (j = 0; j < n; j += W) {
+    const vf e = IOTA < int(n - j) ? vexp(loadu(s + j) - row_max) : vf{};
+    sum += e;
+    storeu(s + j, e);
+  }
+  return hsum(sum);
+}
+
+// Decode reads K and V rows from memory once each, one kv head's row at a time; each row read asks for the
+// same head's row AHEAD positions later, which keeps a steady number of lines in flight.
+constexpr int AHEAD = 16;
+
+template <typename T>
+inline void prefetch_row(const T* p, int nv) {
+  for (int64_t b = 0; b < nv * W * int64_t(sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b);
+}
+
+// Decode rows: scores of R query heads (sharing a kv head) against up to W keys; q rows are pre-scaled floats.
+template <typename T, int NV, int R>
+inline void decode_scores(const T* kc, const int64_t* rows, int64_t n, int64_t hoff, const float* q, int nv,
+                          float* s, int64_t s_stride, int64_t n_ahead) {
+  vf qr[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) qr[r][c] = loadu(q + (r * nv + c) * W);
+  vf dots[R][W];
+  for (int64_t j = 0; j < n; ++j) {
+    vf k[NV];
+    if (j < n_ahead) prefetch_row(kc + rows[j + AHEAD] + hoff, nv);
+    for (int c = 0; c < nv; ++c) k[c] = load16(kc + rows[j] + hoff + c * W);
+    for (int r = 0; r < R; ++r) {
+      vf d = qr[r][0] * k[0];
+      for (int c = 1; c < nv; ++c) d += qr[r][c] * k[c];
+      dots[r][j] = d;
+    }
+  }
+  for (int64_t j = n; j < W; ++j)
+    for (int r = 0; r < R; ++r) dots[r][j] = vf{};
+  for (int r = 0; r < R; ++r) storeu(s + r * s_stride, reduce16(dots[r]));
+}
+
+template <typename T, int NV, int R>
+inline void decode_values(const T* vc, const int64_t* rows, int64_t n, int64_t hoff, const float* p,
+                          int64_t p_stride, int nv, float* acc, int64_t n_ahead) {
+  vf a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) a[r][c] = loadu(acc + (r * nv + c) * W);
+  for (int64_t j = 0; j < n; ++j) {
+    vf v[NV];
+    if (j < n_ahead) prefetch_row(vc + rows[j + AHEAD] + hoff, nv);
+    for (int c = 0; c < nv; ++c) v[c] = load16(vc + rows[j] + hoff + c * W);
+    for (int r = 0; r < R; ++r) {
+      const float pr = p[r * p_stride + j];
+      for (int c = 0; c < nv; ++c) a[r][c] += pr * v[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) storeu(acc + (r * nv + c) * W, a[r][c]);
+}
+
+// rows per register block in the decode loops: q (or acc) rows of NV vectors plus one K/V row must fit the
+// 32 vector registers of AVX-512 (or spill a little on AVX2, where a 16-float vector is two registers)
+template <int NV>
+constexpr int decode_rows_per_block() { return NV <= 4 ? 4 : NV <= 8 ? 2 : 1; }
+
+// Calls f.operator()<R>() with the largest R <= min(RMAX, n) from {8, 6, 4, 3, 2, 1}; returns R.
+template <int RMAX, typename F>
+inline int64_t with_rows(int64_t n, F&& f) {
+  if constexpr (RMAX >= 8)
+    if (n >= 8) return f.template operator()<8>(), 8;
+  if constexpr (RMAX >= 6)
+    if (n >= 6) return f.template operator()<6>(), 6;
+  if constexpr (RMAX >= 4)
+    if (n >= 4) return f.template operator()<4>(), 4;
+  if constexpr (RMAX >= 3)
+    if (n == 3) return f.template operator()<3>(), 3;
+  if constexpr (RMAX >= 2)
+    if (n >= 2) return f.template operator()<2>(), 2;
+  return f.template operator()<1>(), 1;
+}
+
+// Decode: one query token, the G query heads of each kv head in [head_begin, head_end). Two passes over the
+// context: scores for every key (K read once, position by position across the heads), softmax over whole
+// rows, then the weighted sum of V (read once). Scores for a whole context fit the scratch easily.
+template <typename T, int NVC>
+void decode(const Problem& P, const Item& it, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   constexpr int NV = NVC ? NVC : MAX_NV;
-  const int64_t row = P.query_start[seq];
-  const int64_t head0 = kv_head * P.group + g0;
-  vf q[R][NV], acc[R][NV];
-  float row_max[R], row_sum[R];
-  const T* qp = static_cast<const T*>(P.q) + row * P.q_token_stride + head0 * P.q_head_stride;
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < nv; ++c) q[r][c] = load16(qp + r * P.q_head_stride + c * W) * P.scale, acc[r][c] = vf{};
-    row_max[r] = NEG_INF, row_sum[r] = 0.0f;
-  }
+  constexpr int R = NVC ? decode_rows_per_block<NVC>() : 1;
+  const int64_t d = P.head_dim, G = P.group, h0 = it.head_begin, h1 = it.head_end;
+  const int64_t heads = (h1 - h0) * G, row = P.query_start[it.seq], ctx = P.context_lens[it.seq];
+  const int64_t stride = (ctx + W - 1) / W * W;
+  Scratch::fit(S.q, heads * d);
+  Scratch::fit(S.acc, heads * d);
+  Scratch::fit(S.s, heads * stride);
+  if (S.rows.size() < size_t(stride)) S.rows.resize(stride);
+  const T* q = static_cast<const T*>(P.q) + row * P.q_token_stride;
+  for (int64_t i = 0; i < heads; ++i)
+    for (int c = 0; c < nv; ++c)
+      storeu(S.q.data() + i * d + c * W, load16(q + (h0 * G + i) * P.q_head_stride + c * W) * P.scale);
+  std::fill_n(S.acc.data(), heads * d, 0.0f);
   const T* kc = static_cast<const T*>(P.key_cache);
   const T* vc = static_cast<const T*>(P.value_cache);
-  const int32_t* table = P.block_tables + seq * P.table_stride;
-  const int64_t ctx = P.context_lens[seq];
-  int64_t rows[W], next[W];
-  alignas(64) float s[R][W];
-  tile_rows(P, table, 0, int(std::min<int64_t>(W, ctx)), kv_head, next);
+  int64_t* rows = S.rows.data();
+  tile_rows(P, P.block_tables + it.seq * P.table_stride, 0, ctx, rows);
+
   for (int64_t k0 = 0; k0 < ctx; k0 += W) {
-    const int n = int(std::min<int64_t>(W, ctx - k0));
-    std::copy_n(next, n, rows);
-    if (k0 + W < ctx) {  // decode reads each row once, from memory: ask for the next tile early
-      const int n_next = int(std::min<int64_t>(W, ctx - k0 - W));
-      tile_rows(P, table, k0 + W, n_next, kv_head, next);
-      prefetch_rows(kc, next, n_next, P.head_dim);
-      prefetch_rows(vc, next, n_next, P.head_dim);
-    }
-    for (int j = 0; j < n; ++j) {
-      vf k[NV];
-      for (int c = 0; c < nv; ++c) k[c] = load16(kc + rows[j] + c * W);
-      for (int r = 0; r < R; ++r) {
-        vf dot = q[r][0] * k[0];
-        for (int c = 1; c < nv; ++c) dot += q[r][c] * k[c];
-        s[r][j] = hsum(dot);
+    const int64_t n = std::min<int64_t>(W, ctx - k0);
+    const int64_t ahead = std::clamp<int64_t>(ctx - k0 - AHEAD, 0, n);
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t g = 0; g < G;) {
+        const int64_t i = (h - h0) * G + g;
+        float* s = S.s.data() + i * stride + k0;
+        const float* qi = S.q.data() + i * d;
+        g += with_rows<R>(G - g, [&]<int RR>() { decode_scores<T, NV, RR>(kc, rows + k0, n, h * d, qi, nv, s, stride, ahead); });
       }
-    }
-    for (int r = 0; r < R; ++r) {
-      const float corr = softmax_step(loadu(s[r]), n, row_max[r], row_sum[r], s[r]);
-      if (corr != 1.0f)
-        for (int c = 0; c < nv; ++c) acc[r][c] *= corr;
-    }
-    for (int j = 0; j < n; ++j) {
-      vf v[NV];
-      for (int c = 0; c < nv; ++c) v[c] = load16(vc + rows[j] + c * W);
-      for (int r = 0; r < R; ++r)
-        for (int c = 0; c < nv; ++c) acc[r][c] += s[r][j] * v[c];
-    }
   }
-  T* out = static_cast<T*>(P.out) + row * P.out_token_stride + head0 * P.out_head_stride;
-  alignas(64) float buf[NV * W];
-  for (int r = 0; r < R; ++r) {
-    for (int c = 0; c < nv; ++c) storeu(buf + c * W, acc[r][c] / row_sum[r]);
-    store_row(out + r * P.out_head_stride, buf, P.head_dim);
+  float* inv = S.q.data();  // q is spent: reuse it for the rows' 1 / sum
+  for (int64_t i = 0; i < heads; ++i) {
+    float m;
+    inv[i] = 1.0f / exp_row(S.s.data() + i * stride, ctx, m);
   }
-}
-
-template <typename T, int NVC>
-void decode(const Problem& P, int64_t seq, int64_t kv_head) {
-  for (int64_t g0 = 0; g0 < P.group; g0 += RB) {
-    switch (std::min<int64_t>(RB, P.group - g0)) {
-      case 4: decode_rows<T, NVC, 4>(P, seq, kv_head, g0); break;
-      case 3: decode_rows<T, NVC, 3>(P, seq, kv_head, g0); break;
-      case 2: decode_rows<T, NVC, 2>(P, seq, kv_head, g0); break;
-      default: decode_rows<T, NVC, 1>(P, seq, kv_head, g0); break;
-    }
+  for (int64_t k0 = 0; k0 < ctx; k0 += W) {
+    const int64_t n = std::min<int64_t>(W, ctx - k0);
+    const int64_t ahead = std::clamp<int64_t>(ctx - k0 - AHEAD, 0, n);
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t g = 0; g < G;) {
+        const int64_t i = (h - h0) * G + g;
+        const float* p = S.s.data() + i * stride + k0;
+        g += with_rows<R>(G - g, [&]<int RR>() {
+          decode_values<T, NV, RR>(vc, rows + k0, n, h * d, p, stride, nv, S.acc.data() + i * d, ahead);
+        });
+      }
+  }
+  T* out = static_cast<T*>(P.out) + row * P.out_token_stride;
+  alignas(64) float buf[MAX_NV * W];
+  for (int64_t i = 0; i < heads; ++i) {
+    for (int c = 0; c < nv; ++c) storeu(buf + c * W, loadu(S.acc.data() + i * d + c * W) * inv[i]);
+    store_row(out + (h0 * G + i) * P.out_head_stride, buf, d);
   }
 }
 
-// Per-thread scratch for prefill tiles, reused across calls.
-struct Scratch {
-  std::vector<float> q, acc, max, sum, kt, v, p;
-  void fit(int64_t rows, int64_t d) {
-    if (q.size() < size_t(rows * d)) {
-      q.resize(rows * d), acc.resize(rows * d), max.resize(rows), sum.resize(rows), p.resize(rows * W);
-    }
-    if (kt.size() < size_t(d * W)) kt.resize(d * W), v.resize(d * W);
-  }
-};
+constexpr int QT = 32;   // query tokens per prefill item
+constexpr int KC = 256;  // keys staged per pass of a prefill item (a multiple of W)
+constexpr int RQ = 8;    // rows per block of the score product: eight independent accumulator chains
 
-// Scores of R rows against a transposed key tile: S[r] = sum_i Q[r][i] * Kt[i] (16 keys per vector).
+// S[r][0..W) = q[r] . kt for R rows against a transposed key tile kt [d][W].
 template <int R>
-inline void score_rows(const float* q, const float* kt, int64_t d, vf* s) {
+inline void score_block(const float* q, int64_t d, const float* kt, float* s, int64_t s_stride) {
   vf a[R] = {};
   for (int64_t i = 0; i < d; ++i) {
     const vf k = loadu(kt + i * W);
     for (int r = 0; r < R; ++r) a[r] += q[r * d + i] * k;
   }
-  for (int r = 0; r < R; ++r) s[r] = a[r];
+  for (int r = 0; r < R; ++r) storeu(s + r * s_stride, a[r]);
 }
 
-// Prefill: up to QT query tokens of one sequence x the G heads of one kv head, causal. Each key tile is
-// transposed once into float scratch and then used by all G x QT rows, a small matrix multiply.
+// acc[r] += sum_j p[r][j] v[j] over nk staged float V rows, R rows at once sharing each V row.
+template <int NV, int R>
+inline void value_block(const float* p, int64_t p_stride, const float* v, int64_t d, int64_t nk, int nv,
+                        float* acc) {
+  vf a[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) a[r][c] = loadu(acc + r * d + c * W);
+  for (int64_t j = 0; j < nk; ++j) {
+    vf vv[NV];
+    for (int c = 0; c < nv; ++c) {
+      vv[c] = loadu(v + j * d + c * W);
+#ifdef __AVX512F__
+      asm("" : "+v"(vv[c]));  // load each V vector once into a register, not once per row as a memory operand
+#endif
+    }
+    for (int r = 0; r < R; ++r) {
+      const float pr = p[r * p_stride + j];
+      for (int c = 0; c < nv; ++c) a[r][c] += pr * vv[c];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < nv; ++c) storeu(acc + r * d + c * W, a[r][c]);
+}
+
+// Prefill: up to QT query tokens of one sequence x the G heads of one kv head, causal (row = token * G + g).
+// Keys are staged KC at a time into float scratch (K transposed in tiles of W, V as rows), shared by every row;
+// then scores for all rows (a small matrix product), one online-softmax update per row per stage, and the
+// weighted sum of V (another small matrix product). Tiles wholly in a row block's future are skipped.
 template <typename T, int NVC>
 void prefill(const Problem& P, const Item& it, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   constexpr int NV = NVC ? NVC : MAX_NV;
-  const int64_t d = P.head_dim, G = P.group;
+  // rows per block of the value product: R x NV accumulators plus one V row in 32 vector registers
+  constexpr int RV = NVC == 0 ? 1 : NVC <= 2 ? 8 : NVC <= 4 ? 6 : NVC <= 8 ? 2 : 1;
+  const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
   const int64_t first_row = P.query_start[it.seq] + it.q_begin;
   const int64_t q_len = P.query_start[it.seq + 1] - P.query_start[it.seq];
   const int64_t first_pos = P.context_lens[it.seq] - q_len + it.q_begin;  // this item's first token
-  const int64_t tokens = it.q_end - it.q_begin, rows = tokens * G;  // row = token * G + g
-  S.fit(rows, d);
-  const int64_t head0 = int64_t(it.kv_head) * G;
+  const int64_t tokens = it.q_end - it.q_begin, nrows = tokens * G;
+  Scratch::fit(S.q, nrows * d);
+  Scratch::fit(S.acc, nrows * d);
+  Scratch::fit(S.s, nrows * KC);
+  Scratch::fit(S.kt, KC * d);
+  Scratch::fit(S.v, KC * d);
+  Scratch::fit(S.max, nrows);
+  Scratch::fit(S.sum, nrows);
+  if (S.rows.size() < size_t(KC)) S.rows.resize(KC);
+  const int64_t head0 = kv_head * G;
   const T* q = static_cast<const T*>(P.q);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t g = 0; g < G; ++g) {
       const T* src = q + (first_row + t) * P.q_token_stride + (head0 + g) * P.q_head_stride;
       for (int c = 0; c < nv; ++c) storeu(S.q.data() + (t * G + g) * d + c * W, load16(src + c * W) * P.scale);
     }
-  std::fill_n(S.acc.data(), rows * d, 0.0f);
-  std::fill_n(S.max.data(), rows, NEG_INF);
-  std::fill_n(S.sum.data(), rows, 0.0f);
+  std::fill_n(S.acc.data(), nrows * d, 0.0f);
+  std::fill_n(S.max.data(), nrows, NEG_INF);
+  std::fill_n(S.sum.data(), nrows, 0.0f);
 
   const T* kc = static_cast<const T*>(P.key_cache);
   const T* vc = static_cast<const T*>(P.value_cache);
   const int32_t* table = P.block_tables + int64_t(it.seq) * P.table_stride;
   const int64_t key_end = first_pos + tokens;  // keys [0, key_end) are visible to some row
-  int64_t offsets[W];
-  const float* vrows[W];
-  float* kt = S.kt.data();
-  for (int64_t k0 = 0; k0 < key_end; k0 += W) {
-    const int n = int(std::min<int64_t>(W, key_end - k0));
-    tile_rows(P, table, k0, n, it.kv_head, offsets);
-    for (int j = 0; j < n; ++j) {
-      for (int c = 0; c < nv; ++c) {
-        alignas(64) float k[W];
-        storeu(k, load16(kc + offsets[j] + c * W));
-        for (int i = 0; i < W; ++i) kt[(c * W + i) * W + j] = k[i];
-      }
-      if constexpr (std::is_same_v<T, float>) {
-        vrows[j] = vc + offsets[j];
+  int64_t* rows = S.rows.data();
+  for (int64_t c0 = 0; c0 < key_end; c0 += KC) {
+    const int64_t cn = std::min<int64_t>(KC, key_end - c0), tiles = (cn + W - 1) / W;
+    tile_rows(P, table, c0, cn, rows);
+    // stage: K transposed per tile of W keys (kt[tile][i][j]), V as float rows, both zero past cn
+    float* kt = S.kt.data();
+    float* v = S.v.data();
+    for (int64_t j = 0; j < tiles * W; ++j) {
+      float* ktile = kt + (j / W) * d * W;
+      const int64_t lane = j % W;
+      if (j < cn) {
+        const T* krow = kc + rows[j] + kv_head * d;
+        const T* vrow = vc + rows[j] + kv_head * d;
+        for (int c = 0; c < nv; ++c) {
+          alignas(64) float k[W];
+          storeu(k, load16(krow + c * W));
+          for (int i = 0; i < W; ++i) ktile[(c * W + i) * W + lane] = k[i];
+          storeu(v + j * d + c * W, load16(vrow + c * W));
+        }
       } else {
-        for (int c = 0; c < nv; ++c) storeu(S.v.data() + j * d + c * W, load16(vc + offsets[j] + c * W));
-        vrows[j] = S.v.data() + j * d;
+        for (int64_t i = 0; i < d; ++i) ktile[i * W + lane] = 0.0f;
+        std::fill_n(v + j * d, d, 0.0f);
       }
     }
-    // tokens before k0 see none of this tile (early rows of a tile on the diagonal)
-    const int64_t t0 = std::max<int64_t>(0, k0 - first_pos);
-    for (int64_t r0 = t0 * G; r0 < rows; r0 += RB) {
-      const int nr = int(std::min<int64_t>(RB, rows - r0));
-      vf s[RB];
-      switch (nr) {
-        case 4: score_rows<4>(S.q.data() + r0 * d, kt, d, s); break;
-        case 3: score_rows<3>(S.q.data() + r0 * d, kt, d, s); break;
-        case 2: score_rows<2>(S.q.data() + r0 * d, kt, d, s); break;
-        default: score_rows<1>(S.q.data() + r0 * d, kt, d, s); break;
+    // rows whose token sees at least one key of this stage
+    const int64_t r_begin = std::max<int64_t>(0, c0 - first_pos) * G;
+    auto visible = [&](int64_t r) { return std::min<int64_t>(cn, first_pos + r / G - c0 + 1); };
+    float* s = S.s.data();
+    for (int64_t r0 = r_begin; r0 < nrows;) {
+      const int64_t nr = std::min<int64_t>(RQ, nrows - r0);
+      const int64_t need = (visible(r0 + nr - 1) + W - 1) / W;  // the block's last row sees the most keys
+      const float* qb = S.q.data() + r0 * d;
+      for (int64_t ti = 0; ti < need; ++ti) {
+        const float* ktile = kt + ti * d * W;
+        float* sb = s + r0 * KC + ti * W;
+        switch (nr) {
+          case 8: score_block<8>(qb, d, ktile, sb, KC); break;
+          default:
+            for (int64_t r = 0; r < nr; ++r) score_block<1>(qb + r * d, d, ktile, sb + r * KC, KC);
+        }
       }
-      for (int rr = 0; rr < nr; ++rr) {
-        const int64_t r = r0 + rr;
-        const int visible = int(std::min<int64_t>(n, first_pos + r / G - k0 + 1));
-        float p[W];
-        const float corr = softmax_step(s[rr], visible, S.max[r], S.sum[r], p);
-        float* accp = S.acc.data() + r * d;
-        vf a[NV];
-        for (int c = 0; c < nv; ++c) a[c] = loadu(accp + c * W) * corr;
-        for (int j = 0; j < visible; ++j)
-          for (int c = 0; c < nv; ++c) a[c] += p[j] * loadu(vrows[j] + c * W);
-        for (int c = 0; c < nv; ++c) storeu(accp + c * W, a[c]);
+      r0 += nr;
+    }
+    for (int64_t r = r_begin; r < nrows; ++r) {
+      const int64_t vis = visible(r);
+      float* sr = s + r * KC;
+      float m;
+      const float total = exp_row(sr, vis, m);
+      // zeros up to the block's width, where value_block reads this row
+      std::fill(sr + vis, sr + tiles * W, 0.0f);
+      const float new_max = std::max(S.max[r], m);
+      if (new_max != m) {  // an earlier stage saw a larger score: scale this stage down to the running max
+        const float f = std::exp(m - new_max);
+        for (int64_t j = 0; j < vis; ++j) sr[j] *= f;
+        S.sum[r] += total * f;
+      } else {
+        const float corr = std::exp(S.max[r] - new_max);  // 0 on the first stage
+        float* a = S.acc.data() + r * d;
+        for (int c = 0; c < nv; ++c) storeu(a + c * W, loadu(a + c * W) * corr);
+        S.sum[r] = S.sum[r] * corr + total;
       }
+      S.max[r] = new_max;
+    }
+    for (int64_t r0 = r_begin; r0 < nrows;) {
+      const int64_t nr = std::min<int64_t>(RV, nrows - r0);
+      const int64_t nk = visible(r0 + nr - 1);  // only a block's last row can see the most keys
+      float* acc = S.acc.data() + r0 * d;
+      r0 += with_rows<RV>(nr, [&]<int RR>() { value_block<NV, RR>(s + r0 * KC, KC, v, d, nk, nv, acc); });
     }
   }
   T* out = static_cast<T*>(P.out);
   alignas(64) float buf[MAX_NV * W];
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = 0; r < nrows; ++r) {
     const float* a = S.acc.data() + r * d;
-    for (int c = 0; c < nv; ++c) storeu(buf + c * W, loadu(a + c * W) / S.sum[r]);
+    const float inv = 1.0f / S.sum[r];
+    for (int c = 0; c < nv; ++c) storeu(buf + c * W, loadu(a + c * W) * inv);
     store_row(out + (first_row + r / G) * P.out_token_stride + (head0 + r % G) * P.out_head_stride, buf, d);
   }
 }
 
 template <typename T, int NVC>
 void attend(const Problem& P, const Item& it, Scratch& S) {
-  if (it.q_end - it.q_begin == 1 && P.query_start[it.seq + 1] - P.query_start[it.seq] == 1)
-    decode<T, NVC>(P, it.seq, it.kv_head);
+  if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1)
+    decode<T, NVC>(P, it, S);
   else
     prefill<T, NVC>(P, it, S);
 }
@@ -324,22 +495,34 @@ void attend(const Problem& P, const Item& it, Scratch& S) {
 template <typename T>
 void attend_dispatch(const Problem& P, const Item& it, Scratch& S) {
   switch (P.head_dim) {  // compile-time sizes for the common heads keep rows in registers
+    case 32: return attend<T, 2>(P, it, S);
     case 64: return attend<T, 4>(P, it, S);
     case 128: return attend<T, 8>(P, it, S);
     default: return attend<T, 0>(P, it, S);
   }
 }
 
-std::vector<Item> make_items(const Problem& P, int64_t num_seqs) {
+std::vector<Item> make_items(const Problem& P, int64_t num_seqs, int64_t threads) {
+  int64_t decodes = 0;
+  for (int32_t s = 0; s < num_seqs; ++s) decodes += P.query_start[s + 1] - P.query_start[s] == 1;
+  // with many decodes, one item per sequence reads each KV block whole; with few, split by kv head so every
+  // thread has work
+  const int32_t decode_heads = decodes >= 4 * threads ? int32_t(P.kv_heads) : 1;
   std::vector<Item> items;
   items.reserve(num_seqs * P.kv_heads);
   for (int32_t s = 0; s < num_seqs; ++s) {
     const int32_t q_len = P.query_start[s + 1] - P.query_start[s];
     const int64_t start = P.context_lens[s] - q_len;
+    if (q_len == 1) {
+      for (int32_t h = 0; h < P.kv_heads; h += decode_heads)
+        items.push_back({s, h, std::min<int32_t>(h + decode_heads, P.kv_heads), 0, 1,
+                         (start + 1) * std::min<int64_t>(decode_heads, P.kv_heads - h) * P.group});
+      continue;
+    }
     for (int32_t b = 0; b < q_len; b += QT) {
       const int32_t e = std::min(q_len, b + QT);
-      const int64_t cost = (start + e) * (e - b);
-      for (int32_t h = 0; h < P.kv_heads; ++h) items.push_back({s, h, b, e, cost});
+      const int64_t cost = (start + e) * (e - b) * P.group;
+      for (int32_t h = 0; h < P.kv_heads; ++h) items.push_back({s, h, h + 1, b, e, cost});
     }
   }
   std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
@@ -410,7 +593,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
             block_tables.const_data_ptr<int32_t>(), query_start.const_data_ptr<int32_t>(),
             context_lens.const_data_ptr<int32_t>(), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             block_tables.stride(0), kv_cache.size(2), kv_heads, q.size(1) / kv_heads, d, float(scale)};
-  const std::vector<Item> items = make_items(P, num_seqs);
+  const std::vector<Item> items = make_items(P, num_seqs, at::get_num_threads());
   const int64_t n = int64_t(items.size());
   std::atomic<int64_t> next{0};
   // one task per thread, each pulling items until none is left: costs differ by orders of magnitude
