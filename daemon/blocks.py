@@ -92,6 +92,12 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self._num_free
 
+    @property
+    def tables(self) -> dict[int, list[int]]:
+        """Every sequence's block table, by seq_id: read-only (the scheduler's per-step "does it need a
+        block" test reads lengths here rather than calling ensure for every sequence of every step)."""
+        return self._tables
+
     def table(self, seq_id: int) -> list[int]:
         """A copy of the sequence's block table (KeyError if it has none)."""
         return list(self._tables[seq_id])

@@ -180,17 +180,20 @@ class Engine:
     # ------------------------------------------------------------------ the wire
     async def receive_loop(self) -> None:
         while True:
-            identity, frame = await self.endpoint.recv()
-            try:
-                msg = decode(frame, self.endpoint.max_bytes)
-            except ProtocolError as exc:
-                self.counters["bad_frames"] += 1
-                log.warning("bad frame from %r: %s", identity[:64], exc)
-                continue
-            try:
-                self._dispatch(identity, msg)
-            except Exception:  # a bug handling one message must not stop the daemon hearing its workers
-                log.exception("error handling %s from %r", type(msg).__name__, identity[:64])
+            for identity, frame in await self.endpoint.recv_batch():  # one wake-up takes all that is queued
+                self._receive(identity, frame)
+
+    def _receive(self, identity: bytes, frame: bytes) -> None:
+        try:
+            msg = decode(frame, self.endpoint.max_bytes)
+        except ProtocolError as exc:
+            self.counters["bad_frames"] += 1
+            log.warning("bad frame from %r: %s", identity[:64], exc)
+            return
+        try:
+            self._dispatch(identity, msg)
+        except Exception:  # a bug handling one message must not stop the daemon hearing its workers
+            log.exception("error handling %s from %r", type(msg).__name__, identity[:64])
 
     def _dispatch(self, identity: bytes, msg: object) -> None:
         if isinstance(msg, Heartbeat):

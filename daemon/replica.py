@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import zmq
 
 from daemon.metrics import Metrics, ReplicaMetrics, observe_many
-from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SeqUpdate, StepPlan
+from daemon.scheduler import Logprob, Scheduler, SchedulerConfig, Sequence, StepOutput, StepPlan
 from daemon.tokenizer import IncrementalDetokenizer, StopMatcher
 from protocol.messages import Error, Hello, StepResult
 from protocol.transport import RouterEndpoint
@@ -50,6 +50,9 @@ class RequestStream:
 
     def __init__(self, num_choices: int) -> None:
         self._pending: dict[int, Delta] = {}  # choice index -> everything it produced since the last read
+        # (choice index, ids, its detokenizer): each choice's ordinary tokens arrive as bare ids, turned into
+        # text when the reader reads (one decode for all the tokens since its last read, not one per step)
+        self._raw: list[tuple[int, list[int], IncrementalDetokenizer]] = []
         self._waiter: asyncio.Future[None] | None = None
         self.unfinished = num_choices
         self.error: str | None = None
@@ -76,6 +79,21 @@ class RequestStream:
         if finish_reason is not None:
             held.finish_reason = finish_reason
 
+    def attach(self, index: int, detok: IncrementalDetokenizer) -> list[int]:
+        """The list the step loop appends a choice's ordinary token ids to (no logprobs, no end, no stop
+        strings to check: their text needs nothing now). `settle` or a read turns them into text, in order,
+        with the choice's detokenizer, which nothing else may use meanwhile."""
+        ids: list[int] = []
+        self._raw.append((index, ids, detok))
+        return ids
+
+    def settle(self) -> None:
+        """Turn the attached ids into text now (before anything else is pushed for their choice)."""
+        for index, ids, detok in self._raw:
+            if ids:
+                self.push(index, detok.add(ids), ids)
+                ids.clear()
+
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
@@ -93,7 +111,10 @@ class RequestStream:
     async def get(self) -> list[Delta]:
         """Everything produced since the last call (waits for at least one delta or the end); [] only once
         the stream is finished and everything was read."""
-        while not self._pending and not self.finished:
+        while True:
+            self.settle()
+            if self._pending or self.finished:
+                break
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -120,6 +141,10 @@ class Track:
     last_token: float | None = None
     worker_id: str = ""  # where its last token came from (for the request log)
     version: str = ""  # the model version of the replica that holds it
+    raw: list[int] = field(init=False)  # ordinary tokens not turned into text yet (RequestStream.attach)
+
+    def __post_init__(self) -> None:
+        self.raw = self.stream.attach(self.index, self.detok)
 
 
 class WorkerFailed(Exception):
@@ -267,38 +292,33 @@ class Replica:
                 if self.metrics is not None:
                     self.metrics.queue.observe(now - track.created)
 
-    def _emit_all(self, updates: list[SeqUpdate], now: float, unwoken: set[RequestStream]) -> None:
-        """Apply one step's updates to their tracks and streams; token metrics are observed once per step."""
+    def _emit_all(self, out: StepOutput, now: float, unwoken: set[RequestStream]) -> None:
+        """Apply one step's output to its tracks and streams; token metrics are observed once per step."""
         m = self.metrics
-        tracks, worker_id = self.tracks, self.worker_id
+        tracks, worker_id, logprobs = self.tracks, self.worker_id, out.logprobs
         lasts: list[float] = []  # each token's previous token time (a step's sequences mostly share one)
         num_tokens = 0
-        for update in updates:
-            track = tracks.get(update.seq.seq_id)
+        for seq, token in zip(out.seqs, out.tokens):  # inline: this runs for every sequence of every step
+            track = tracks.get(seq.seq_id)
             if track is None:
                 continue
-            new = update.new_token_ids
-            if not new:  # nothing sampled (the scheduler sends none such today): only an end, if any
-                self._emit(track, update, False, unwoken)
-                continue
-            num_tokens += len(new)
+            num_tokens += 1
             last = track.last_token
             track.last_token = now
             track.worker_id = worker_id
-            if track.first_token is None:
+            if last is None:  # its first token
                 track.first_token = now
                 if m is not None:
                     m.ttft.observe(now - track.created)
                     m.prefill.observe(now - (track.first_scheduled or track.created))
-                self._emit(track, update, True, unwoken)
+                self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, True, unwoken)
                 continue
-            if last is not None:
-                lasts.append(last)
-            if update.finished or track.stops is not None or update.new_logprobs:
-                self._emit(track, update, False, unwoken)
+            lasts.append(last)
+            if track.stops is not None or seq.finish_reason is not None or (logprobs and seq.seq_id in logprobs):
+                self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, False, unwoken)
                 continue
-            # the usual token (inline: this runs for every sequence of every step): text, if any, to the stream
-            track.stream.push(track.index, track.detok.add(new), new)
+            # the usual token: its id to the stream, made text when the reader reads
+            track.raw.append(token)
             unwoken.add(track.stream)
         if m is not None:
             if num_tokens:
@@ -306,26 +326,29 @@ class Replica:
             for last, count in Counter(lasts).items():
                 observe_many(m.itl, now - last, count)
 
-    def _emit(self, track: Track, update: SeqUpdate, first: bool, unwoken: set[RequestStream]) -> None:
-        seq = update.seq
-        new = update.new_token_ids
-        text = track.detok.add(new) if new else ""
-        finish = seq.finish_reason if update.finished else None
-        if update.finished:
+    def _emit(self, track: Track, token: int, logprob: Logprob | None, first: bool,
+              unwoken: set[RequestStream]) -> None:
+        seq = track.seq
+        finished = seq.finish_reason is not None  # by the step (a stop token, or a length limit)
+        stream = track.stream
+        if track.raw:  # earlier tokens' text first
+            stream.settle()
+        text = track.detok.add((token,))
+        finish = seq.finish_reason
+        if finished:
             text += track.detok.flush()
         if track.stops is not None:
             text, matched = track.stops.feed(text)
             if matched:
-                if not update.finished:  # the worker may already hold one more token: it is freed next step
+                if not finished:  # the worker may already hold one more token: it is freed next step
                     self.scheduler.abort(seq.seq_id, "stop")
                 finish = "stop"
-            elif update.finished:
+            elif finished:
                 text += track.stops.flush()
         entries = None
-        if update.new_logprobs and seq.sampling.logprobs is not None:
-            entries = [(tok, lp, top) for tok, (lp, top) in zip(new, update.new_logprobs)]
-        stream = track.stream
-        stream.push(track.index, text, new, entries, finish)
+        if logprob is not None and seq.sampling.logprobs is not None:
+            entries = [(token, logprob[0], logprob[1])]
+        stream.push(track.index, text, [token], entries, finish)
         if finish is not None:
             del self.tracks[seq.seq_id]
             if self.metrics is not None:

@@ -4,9 +4,9 @@ preemption, all from one rule over a token budget. Plain synchronous code; the e
 from __future__ import annotations
 
 import enum
+import operator
 from bisect import insort
 from collections import deque
-from collections.abc import Iterable
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 
@@ -24,6 +24,7 @@ from protocol.messages import (
     unpack_ints,
 )
 
+_is_suspect = operator.attrgetter("suspect")
 # One sampled token's logprob, then the top alternatives (token id, logprob), best first.
 Logprob = tuple[float, list[tuple[int, float]]]
 
@@ -75,6 +76,9 @@ class Sequence:
     # second failure blames it and not the sequences that happened to share its steps.
     suspect: bool = False
     arrival: int = 0  # set by Scheduler.add: the order of fairness and of preemption
+    # set by Scheduler.add: output tokens at most on that scheduler (max_tokens, or fewer where the context
+    # limit comes first), so the per-token "length" check is one comparison
+    output_limit: int = 0
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -110,39 +114,47 @@ class TokenIds:
         return self.prompt[start:] + self.output[: stop - p]
 
 
-@dataclass
+@dataclass(eq=False)
 class StepPlan:
     """One step: the message for the worker and what update() needs to apply its result."""
 
     step: Step
-    sample_seq_ids: list[int]  # sequences whose chunk reaches their last known token: they sample
-    scheduled: dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed), in batch order
+    seqs: list[Sequence]  # the batch, in batch order
+    counts: list[int]  # tokens each of seqs computes in this step
+    sample_seqs: list[Sequence]  # those whose chunk reaches their last known token: they sample
     preempted_seq_ids: list[int] = field(default_factory=list)
-    sample_seqs: list[Sequence] = field(default_factory=list)  # as sample_seq_ids
-    # sample_seq_ids packed as a StepResult's seq_ids: the usual answer, recognised with one comparison
+    # sample_seqs' ids packed as a StepResult's seq_ids: the usual answer, recognised with one comparison
     packed_sample_ids: bytes = b""
     asks_logprobs: bool = False  # some sampling sequence wants logprobs
     filled: list[Sequence] = field(default_factory=list)  # sequences whose step fills a KV block
-    batched_tokens: int | None = None  # set by schedule(); else summed from `scheduled`
+    num_batched_tokens: int = 0
+    # a sequence was aborted while this plan was in flight: update() must skip whoever is no longer running
+    aborted: bool = False
 
     @property
-    def num_batched_tokens(self) -> int:
-        if self.batched_tokens is not None:
-            return self.batched_tokens
-        return sum(n for _, n in self.scheduled.values())
+    def scheduled(self) -> dict[int, tuple[Sequence, int]]:
+        """seq_id -> (sequence, tokens computed), in batch order (built on demand: the hot path needs none)."""
+        return {seq.seq_id: (seq, n) for seq, n in zip(self.seqs, self.counts)}
 
-
-Batch = dict[int, tuple[Sequence, int]]  # seq_id -> (sequence, tokens computed this step), in batch order
+    @property
+    def sample_seq_ids(self) -> list[int]:
+        return [seq.seq_id for seq in self.sample_seqs]
 
 
 @dataclass(slots=True)
-class SeqUpdate:
-    """What one step did to one sequence."""
+class StepOutput:
+    """What one step did: each live sampled sequence (batch order) and the token appended to it.
 
-    seq: Sequence
-    new_token_ids: list[int]  # appended this step (0 or 1 tokens)
-    new_logprobs: list[Logprob]  # matching new_token_ids when sampling.logprobs is set
-    finished: bool
+    A sequence in `seqs` that hit a stop condition is finished already (`is_finished`, `finish_reason`);
+    `logprobs` holds the new entry of each sequence that asked for logprobs (keyed by seq_id).
+    """
+
+    seqs: Seq[Sequence] = ()
+    tokens: Seq[int] = ()
+    logprobs: dict[int, Logprob] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.seqs)
 
 
 class Scheduler:
@@ -213,6 +225,7 @@ class Scheduler:
         if len(seq.output_token_ids) >= seq.max_tokens:
             raise ValueError(f"max_tokens {seq.max_tokens} already reached")
         seq.status, seq.num_computed_tokens, seq.arrival = SequenceStatus.WAITING, 0, self._next_arrival
+        seq.output_limit = min(seq.max_tokens, self.max_seq_len - len(seq.prompt_token_ids))
         self._next_arrival += 1
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
@@ -226,6 +239,8 @@ class Scheduler:
             return None
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
+            if self._in_flight is not None:
+                self._in_flight.aborted = True
         else:
             self.waiting.remove(seq)
         self._finish(seq, reason)
@@ -249,75 +264,85 @@ class Scheduler:
         """Build the next step, or None when nothing is left to compute."""
         if self._in_flight is not None:
             raise RuntimeError(f"step {self._in_flight.step.step_id} is still in flight")
-        batch: Batch = {}
+        plan = StepPlan(Step(step_id=self._next_step_id), [], [], [])  # its step is filled in below
         appended: list[BlockAppend] = []
-        preempted: list[int] = []
-        suspect = next((s for s in self.running if s.suspect), None)
+        budget = self.config.max_num_batched_tokens
+        suspect = next(filter(_is_suspect, self.running), None)  # a C-level scan: this runs every step
         if suspect is not None:
-            self._schedule_running(batch, appended, preempted, only=suspect)
+            budget = self._schedule_running(plan, appended, budget, [suspect])
             new_seqs: list[NewSequence] = []
         elif self.waiting and self.waiting[0].suspect:  # admitted into a step of its own
-            new_seqs = self._admit_waiting(self.config.max_num_batched_tokens, batch, limit=1)
+            new_seqs, budget = self._admit_waiting(plan, budget, limit=1)
         else:
-            budget = self._schedule_running(batch, appended, preempted)
+            budget = self._schedule_running(plan, appended, budget, self.running)
             # As in vLLM: under block pressure admit nobody, or the preempted would only thrash.
-            new_seqs = [] if preempted else self._admit_waiting(budget, batch)
-        if not batch:
+            new_seqs, budget = ([], budget) if plan.preempted_seq_ids else self._admit_waiting(plan, budget)
+        if not plan.seqs:
             return None
-        # One pass over the batch: the step's arrays, who samples, whose step fills a block; then count
-        # the step's tokens as computed (the worker computes them, or fails and everything is recomputed).
-        counts, sample, sample_seqs, filled = [], [], [], []
-        size, asks_logprobs = self.block_size, False
-        for sid, (seq, n) in batch.items():
-            counts.append(n)
-            start = seq.num_computed_tokens
-            end = seq.num_computed_tokens = start + n
-            if end == len(seq.prompt_token_ids) + len(seq.output_token_ids):
-                sample.append(sid)
-                sample_seqs.append(seq)
-                asks_logprobs = asks_logprobs or seq.sampling.logprobs is not None
-            if start // size != end // size:
-                filled.append(seq)
-        step = Step(
+        seq_ids = pack_ints([seq.seq_id for seq in plan.seqs])
+        plan.step = Step(
             step_id=self._next_step_id,
             new_seqs=tuple(new_seqs),
             appended=tuple(appended),
             free_seq_ids=pack_ints(self._pending_frees),  # the worker applies frees first
-            seq_ids=pack_ints(batch),
-            num_tokens=pack_ints(counts),
+            seq_ids=seq_ids,
+            num_tokens=pack_ints(plan.counts),
         )
+        # the usual step: every sequence samples, so the answer's ids are the batch's
+        sample = plan.sample_seqs
+        plan.packed_sample_ids = seq_ids if len(sample) == len(plan.seqs) else pack_ints([s.seq_id for s in sample])
+        plan.num_batched_tokens = self.config.max_num_batched_tokens - budget
         self._next_step_id += 1
         self._pending_frees = []
-        self._in_flight = StepPlan(step, sample, batch, preempted, sample_seqs, pack_ints(sample), asks_logprobs,
-                                   filled, sum(counts))
-        return self._in_flight
+        self._in_flight = plan
+        return plan
 
-    def _schedule_running(self, batch: Batch, appended: list[BlockAppend], preempted: list[int],
-                          only: Sequence | None = None) -> int:
-        """Running sequences first, oldest first (or `only` one of them); returns the budget left."""
-        budget = self.config.max_num_batched_tokens
-        ensure = self.blocks.ensure
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            if only is not None and seq is not only:
-                i += 1
-                continue
+    def _schedule_running(self, plan: StepPlan, appended: list[BlockAppend], budget: int,
+                          candidates: list[Sequence]) -> int:
+        """Running sequences first, oldest first (`candidates` is self.running, or the one suspect); returns
+        the budget left. One pass does everything per sequence (this runs for every sequence of every step):
+        the chunk, its blocks, whether it samples or fills a block, and counting its tokens as computed (the
+        worker computes them, or fails and everything is recomputed)."""
+        seqs, counts, sample, filled = plan.seqs, plan.counts, plan.sample_seqs, plan.filled
+        size, tables = self.block_size, self.blocks.tables
+        # Preemption only removes the youngest running sequences (never one scheduled already, all older), so
+        # iterating self.running while it shrinks at the end simply stops before the preempted ones.
+        for seq in candidates:
             computed = seq.num_computed_tokens
-            n = min(len(seq.prompt_token_ids) + len(seq.output_token_ids) - computed, budget)
-            new_blocks = ensure(seq.seq_id, computed + n)  # the usual case: the blocks are at hand
-            if new_blocks is None:
-                n = self._shrink_or_preempt(seq, n, preempted)
+            total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            n = total - computed if total - computed < budget else budget
+            end = computed + n
+            if end > len(tables[seq.seq_id]) * size:  # its blocks run out: the usual case is that they don't
+                n = self._grow(seq, n, appended, plan.preempted_seq_ids)
                 if n == 0:
                     break
-                new_blocks = ensure(seq.seq_id, computed + n)
-                assert new_blocks is not None  # n is within reach
-            if new_blocks:
-                appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
-            batch[seq.seq_id] = (seq, n)
+                end = computed + n
+            seqs.append(seq)
+            counts.append(n)
+            seq.num_computed_tokens = end
+            if end == total:
+                sample.append(seq)
+                if seq.sampling.logprobs is not None:
+                    plan.asks_logprobs = True
+            if computed // size != end // size:
+                filled.append(seq)
             budget -= n
-            i = len(self.running) if only is not None else i + 1
+            if budget <= 0:
+                break
         return budget
+
+    def _grow(self, seq: Sequence, n: int, appended: list[BlockAppend], preempted: list[int]) -> int:
+        """Give seq the blocks for its next n tokens, or for as many as can be had (0: seq yielded)."""
+        new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
+        if new_blocks is None:
+            n = self._shrink_or_preempt(seq, n, preempted)
+            if n == 0:
+                return 0
+            new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
+            assert new_blocks is not None  # n is within reach
+        if new_blocks:
+            appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
+        return n
 
     def _shrink_or_preempt(self, seq: Sequence, n: int, preempted: list[int]) -> int:
         """The free blocks cannot hold seq's next n tokens: returns how many they can hold (at least one)
@@ -335,9 +360,11 @@ class Scheduler:
         # A chunk shrinks to the blocks at hand rather than preempting anyone for the rest.
         return min(n, reach)
 
-    def _admit_waiting(self, budget: int, batch: Batch, limit: int | None = None) -> list[NewSequence]:
-        """Waiting sequences in FIFO order, each only if the blocks for its first chunk are free."""
+    def _admit_waiting(self, plan: StepPlan, budget: int, limit: int | None = None) -> tuple[list[NewSequence], int]:
+        """Waiting sequences in FIFO order, each only if the blocks for its first chunk are free; returns them
+        and the budget left."""
         new_seqs: list[NewSequence] = []
+        size = self.block_size
         while (self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs
                and (limit is None or len(new_seqs) < limit)):
             seq = self.waiting[0]
@@ -356,9 +383,16 @@ class Scheduler:
                 block_ids=pack_ints(self.blocks.table(seq.seq_id)),
                 sampling=seq.sampling,
             ))
-            batch[seq.seq_id] = (seq, n)
+            end = seq.num_computed_tokens = num_cached + n
+            plan.seqs.append(seq)
+            plan.counts.append(n)
+            if end == len(token_ids):
+                plan.sample_seqs.append(seq)
+                plan.asks_logprobs = plan.asks_logprobs or seq.sampling.logprobs is not None
+            if num_cached // size != end // size:
+                plan.filled.append(seq)
             budget -= n
-        return new_seqs
+        return new_seqs, budget
 
     def _start(self, seq: Sequence, num_cached: int) -> None:
         seq.status, seq.num_computed_tokens = SequenceStatus.RUNNING, num_cached
@@ -391,7 +425,7 @@ class Scheduler:
         self._release(seq)
 
     # -------------------------------------------------------------------------------------- update
-    def update(self, plan: StepPlan, result: StepResult) -> list[SeqUpdate]:
+    def update(self, plan: StepPlan, result: StepResult) -> StepOutput:
         """Apply the worker's result to the plan in flight: append sampled tokens, cache the blocks
         that became full, finish sequences that hit a stop condition.
 
@@ -402,49 +436,44 @@ class Scheduler:
             raise ValueError(f"result for step {result.step_id} does not match the plan in flight")
         running = SequenceStatus.RUNNING  # not running: aborted (or finished) since the plan was made
         logprobs: dict[int, Logprob] = {}
+        seqs: Seq[Sequence]
+        tokens: Seq[int]
         if result.seq_ids == plan.packed_sample_ids:  # the usual answer: every sampled sequence, in order
-            tokens = unpack_ints(result.token_ids)
-            if len(tokens) != len(plan.sample_seqs):
+            seqs, tokens = plan.sample_seqs, unpack_ints(result.token_ids)
+            if len(tokens) != len(seqs):
                 raise ValueError("result's token_ids and seq_ids disagree in length")
-            pairs: Iterable[tuple[Sequence, int]] = zip(plan.sample_seqs, tokens)
+            if plan.aborted:
+                kept = [(s, t) for s, t in zip(seqs, tokens) if s.status is running]
+                seqs, tokens = [s for s, _ in kept], [t for _, t in kept]
             if plan.asks_logprobs or result.logprob_seq_ids:
-                logprobs = self._sampled_logprobs(plan, result, [s.seq_id for s in plan.sample_seqs
-                                                                 if s.status is running])
+                logprobs = self._sampled_logprobs(plan, result, [s.seq_id for s in seqs])
         else:
+            scheduled = plan.scheduled
             live = [s.seq_id for s in plan.sample_seqs if s.status is running]
             by_id = self._sampled_tokens(plan, result, live)
-            logprobs = self._sampled_logprobs(plan, result, live)
-            pairs = [(plan.scheduled[sid][0], by_id[sid]) for sid in live]
+            logprobs = self._sampled_logprobs(plan, result, live, scheduled)
+            seqs, tokens = [scheduled[sid][0] for sid in live], [by_id[sid] for sid in live]
         self._in_flight = None
         self._commit_blocks(plan)
-        updates = []
-        any_finished = False
-        max_seq_len = self.max_seq_len
-        for seq, token in pairs:
-            if seq.status is not running:
-                continue
+        num_finished = 0
+        for seq, token in zip(seqs, tokens):  # inline: this loop runs for every sequence of every step
             output = seq.output_token_ids
             output.append(token)
             seq.suspect = False  # it computed a step alone without killing anyone
-            new_logprobs = []
-            if logprobs and (logprob := logprobs.get(seq.seq_id)) is not None:
-                seq.logprobs.append(logprob)
-                new_logprobs.append(logprob)
-            # the stop conditions (inline: this loop runs for every sequence of every step)
-            num_output = len(output)
-            reason = None
             # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
-            if token in seq.stop_token_ids and num_output > seq.min_tokens:
-                reason = "stop"
-            elif num_output >= seq.max_tokens or len(seq.prompt_token_ids) + num_output >= max_seq_len:
-                reason = "length"
-            if reason is not None:
-                self._finish(seq, reason)
-                any_finished = True
-            updates.append(SeqUpdate(seq, [token], new_logprobs, reason is not None))
-        if any_finished:
+            if token in seq.stop_token_ids and len(output) > seq.min_tokens:
+                self._finish(seq, "stop")
+                num_finished += 1
+            elif len(output) >= seq.output_limit:  # max_tokens, or the context limit
+                self._finish(seq, "length")
+                num_finished += 1
+        if logprobs:
+            for seq in seqs:
+                if (logprob := logprobs.get(seq.seq_id)) is not None:
+                    seq.logprobs.append(logprob)
+        if num_finished:
             self.running = [s for s in self.running if s.status is running]
-        return updates
+        return StepOutput(seqs, tokens, logprobs)
 
     def _sampled_tokens(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, int]:
         seq_ids = unpack_ints(result.seq_ids)
@@ -455,7 +484,9 @@ class Scheduler:
             raise ValueError("result lacks a token for a sequence the plan sampled")
         return tokens
 
-    def _sampled_logprobs(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, Logprob]:
+    def _sampled_logprobs(self, plan: StepPlan, result: StepResult, live: list[int],
+                          scheduled: dict[int, tuple[Sequence, int]] | None = None) -> dict[int, Logprob]:
+        scheduled = plan.scheduled if scheduled is None else scheduled
         seq_ids, top_n = unpack_ints(result.logprob_seq_ids), result.top_n
         values = unpack_floats(result.logprobs)
         top_ids, top_values = unpack_ints(result.top_token_ids), unpack_floats(result.top_logprobs)
@@ -463,11 +494,11 @@ class Scheduler:
             raise ValueError("result's logprob arrays disagree in length")
         out: dict[int, Logprob] = {}
         for i, sid in enumerate(seq_ids):
-            if sid in plan.scheduled:
-                k = min(plan.scheduled[sid][0].sampling.logprobs or 0, top_n)
+            if sid in scheduled:
+                k = min(scheduled[sid][0].sampling.logprobs or 0, top_n)
                 tops = zip(top_ids[i * top_n : i * top_n + k], top_values[i * top_n : i * top_n + k])
                 out[sid] = (values[i], list(tops))
-        asked = [sid for sid in live if plan.scheduled[sid][0].sampling.logprobs is not None]
+        asked = [sid for sid in live if scheduled[sid][0].sampling.logprobs is not None]
         if not set(asked) <= out.keys():
             raise ValueError("result lacks logprobs a sequence asked for")
         return out

@@ -8,13 +8,13 @@ ipc:// (guarded by its folder's permissions) or loopback TCP the operator allowe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ipaddress
 import logging
 import time
 
 import zmq
-import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils.monitor import recv_monitor_message
 
@@ -24,6 +24,8 @@ from protocol.messages import MAX_FRAME_BYTES, Message, decode, encode
 log = logging.getLogger("nimbus.transport")
 # high-water marks: a worker that stops reading must not make the daemon buffer without bound
 SEND_HWM = 1000
+# messages the daemon takes off its socket per wake-up at most, so one busy worker cannot hold the loop long
+RECV_BATCH = 256
 ZAP_DOMAIN = "nimbus"
 # libzmq gives up on a link whose handshake the daemon refused; the worker tries again this often
 REFUSED_RETRY_S = 5.0
@@ -74,9 +76,13 @@ class RouterEndpoint:
     address), and a ZAP authenticator admits only the public keys `allow` holds.
     """
 
-    def __init__(self, ctx: zmq.asyncio.Context, max_bytes: int = MAX_FRAME_BYTES, curve: ServerKeys | None = None,
+    def __init__(self, ctx: zmq.Context, max_bytes: int = MAX_FRAME_BYTES, curve: ServerKeys | None = None,
                  allow: AllowList | None = None) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
+        # A plain (blocking-API) socket, used only with NOBLOCK, its FD watched by the event loop: zmq.asyncio
+        # makes a future and a poller round per call, which cost the daemon's step loop more than the send.
+        # `ctx` may be a zmq.asyncio.Context; the shadow shares its libzmq context (ctx.term() still ends it).
+        self._ctx = zmq.Context.shadow(ctx.underlying)
+        self.sock = self._ctx.socket(zmq.ROUTER)
         _configure(self.sock, max_bytes)
         # a worker whose identity reconnects replaces the old pipe instead of being dropped
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -84,6 +90,8 @@ class RouterEndpoint:
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.max_bytes = max_bytes
         self.auth: ThreadAuthenticator | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set when recv first waits: it watches our FD
+        self._waiter: asyncio.Future[None] | None = None
         if curve is not None:
             self._require_curve(ctx, curve, allow or AllowList(curve.authorized))
 
@@ -106,17 +114,73 @@ class RouterEndpoint:
 
     async def recv(self) -> tuple[bytes, bytes]:
         """Next (identity, raw frame); decoding is the caller's, so a bad frame can be pinned on its sender."""
-        parts = await self.sock.recv_multipart(copy=True)
-        if len(parts) != 2:
-            return parts[0], b""  # decodes to a ProtocolError for the caller to count
-        return parts[0], parts[1]
+        while True:
+            batch = self._recv_ready(1)
+            if batch:
+                return batch[0]
+            await self._readable()
+
+    async def recv_batch(self, limit: int = RECV_BATCH) -> list[tuple[bytes, bytes]]:
+        """Every (identity, raw frame) queued now, at most `limit`, in arrival order; waits for at least one."""
+        while True:
+            batch = self._recv_ready(limit)
+            if batch:
+                return batch
+            await self._readable()
+
+    def _recv_ready(self, limit: int) -> list[tuple[bytes, bytes]]:
+        out: list[tuple[bytes, bytes]] = []
+        recv = self.sock.recv_multipart
+        while len(out) < limit:
+            try:
+                parts = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            # a frame count other than 2 decodes (b"") to a ProtocolError for the caller to count
+            out.append((parts[0], parts[1] if len(parts) == 2 else b""))
+        return out
+
+    async def _readable(self) -> None:
+        """Wait until the socket may hold a message. libzmq's FD only signals that its state changed (it is
+        cleared by any call that reads the state, a send included), so EVENTS is checked before waiting and
+        `send` wakes a waiter itself when it finds input queued."""
+        if self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            return
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # a loop that is closed already
+                    self._loop.remove_reader(self.sock.fd)
+            self._loop = loop
+            loop.add_reader(self.sock.fd, self._on_fd)
+        self._waiter = loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
+    def _on_fd(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        else:  # nobody waits (the receiver is busy and drains before it waits): clear the FD, or it fires again
+            self.sock.get(zmq.EVENTS)
 
     def send(self, identity: bytes, msg: Message) -> None:
-        """Queue a message for a worker; raises zmq.ZMQError (EHOSTUNREACH) if it is not connected."""
-        # zmq.asyncio returns a future even with NOBLOCK; it is already done, and holds any error
-        self.sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK).result()
+        """Queue a message for a worker; raises zmq.ZMQError (EHOSTUNREACH if it is not connected, zmq.Again if
+        its queue is full)."""
+        self.sock.send_multipart([identity, encode(msg)], flags=zmq.NOBLOCK)
+        # the send may have read the FD's signal of a message that came meanwhile: hand it on to the receiver
+        waiter = self._waiter
+        if waiter is not None and not waiter.done() and self.sock.get(zmq.EVENTS) & zmq.POLLIN:
+            waiter.set_result(None)
 
     def close(self) -> None:
+        if self._loop is not None:
+            with contextlib.suppress(RuntimeError, ValueError, zmq.ZMQError):  # a closed loop, or socket
+                self._loop.remove_reader(self.sock.fd)
+            self._loop = None
         self.sock.close(linger=0)
         if self.auth is not None:
             self.auth.stop()

@@ -16,10 +16,12 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from daemon.metrics import LATENCY_BUCKETS, observe_many
 from daemon.models import pull
-from daemon.replica import Delta, RequestStream
+from daemon.replica import Delta, Replica, RequestStream, Track
 from daemon.requests import parse_generation
 from daemon.responses import Response
-from daemon.tokenizer import Tokenizer
+from daemon.scheduler import SchedulerConfig, Sequence
+from daemon.tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
+from protocol.messages import Hello, SamplingParams, StepResult, pack_ints, unpack_ints
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import daemon_cost  # noqa: E402
@@ -126,3 +128,75 @@ async def test_lean_client_reads_what_the_daemon_streams(aiohttp_server) -> None
     res = await daemon_cost.run_client(spec)
     assert (res.completed, res.failed, res.tokens, res.short, res.cut) == (7, 0, 35, 0, 0)
     assert res.chunks == 7 * 7  # five tokens, the usage and [DONE]
+
+
+class _ScriptedWorker:
+    """Answers each step at once (on the next loop turn), sequence k sampling script[k] in order."""
+
+    def __init__(self, scripts: dict[int, list[int]]) -> None:
+        self.scripts, self.sampled = scripts, {k: 0 for k in scripts}
+        self.replica: Replica | None = None
+
+    def send(self, identity: bytes, step) -> None:
+        ids, tokens = [], []
+        for new in step.new_seqs:
+            self.sampled[new.seq_id] = len(unpack_ints(new.token_ids)) - new.num_prompt_tokens
+        for sid in unpack_ints(step.seq_ids):  # one token each: prompts fit in one chunk here
+            ids.append(sid)
+            tokens.append(self.scripts[sid][self.sampled[sid]])
+            self.sampled[sid] += 1
+        result = StepResult(step.step_id, "w", 0, pack_ints(ids), pack_ints(tokens))
+        asyncio.get_running_loop().call_soon(self.replica.on_result, result)
+
+
+@pytest.mark.asyncio
+async def test_step_loop_streams_each_sequences_text_in_order(tok: Tokenizer) -> None:
+    """Ordinary tokens reach the stream as ids, turned into text when it is read; first tokens, logprobs,
+    stop strings and ends take the eager path. Read at any moment, every stream's text is decode(output)
+    (cut at the stop string), whichever path each token took."""
+    text = "Café 日本語 😀 naïve: “quoted” — the end. "
+    script = tok.encode(text * 3, add_special_tokens=False)
+    hello = Hello(worker_id="w", host="h", pid=1, device="null", model="m", model_version="", dtype="none",
+                  num_blocks=256, block_size=4, max_model_len=4096, vocab_size=tok.vocab_size)
+    worker = _ScriptedWorker({k: script[k:] for k in range(1, 9)})
+    replica = Replica(hello, b"w", worker, SchedulerConfig(), 1)  # type: ignore[arg-type]
+    worker.replica = replica
+    streams, expected = [], []
+    for k in range(1, 9):
+        stops = ["naïve"] if k == 3 else []  # one with a stop string: its tokens take the eager path
+        seq = Sequence(k, [5, 6, 7], SamplingParams(), max_tokens=len(script) - 16 + k)
+        stream = RequestStream(1)
+        replica.add(Track(seq, 0, stream, IncrementalDetokenizer(tok, seq.prompt_token_ids),
+                          StopMatcher(stops) if stops else None))
+        streams.append(stream)
+        full = tok.decode(script[k : k + seq.max_tokens])
+        expected.append(full[: full.index("naïve")] if stops else full)
+    task = asyncio.ensure_future(replica.run(lambda *a: pytest.fail(f"step error {a}")))
+    texts = [""] * len(streams)
+
+    async def read(i: int) -> None:
+        for turn in range(10_000):
+            deltas = await streams[i].get()
+            if not deltas:
+                return
+            texts[i] += "".join(d.text for d in deltas)
+            await asyncio.sleep(0.0005 * (turn % (i + 2)))  # readers at different paces: merged deltas
+
+    await asyncio.wait_for(asyncio.gather(*(read(i) for i in range(len(streams)))), 30)
+    assert not task.done() and replica.idle  # the loop waits for work, having ended every sequence
+    task.cancel()
+    assert texts == expected
+
+
+@pytest.mark.asyncio
+async def test_attached_ids_settle_before_an_eager_push(tok: Tokenizer) -> None:
+    ids = tok.encode("日本語 text", add_special_tokens=False)
+    stream = RequestStream(1)
+    detok = IncrementalDetokenizer(tok)
+    raw = stream.attach(0, detok)
+    raw.extend(ids[:-1])  # the step loop's path: ids only, no text yet
+    stream.settle()  # what the eager path does first, so text keeps its order
+    stream.push(0, detok.add([ids[-1]]) + detok.flush(), [ids[-1]], None, "stop")
+    (delta,) = await stream.get()
+    assert (delta.text, delta.token_ids, delta.finish_reason) == (tok.decode(ids), ids, "stop")
+    assert not raw and stream.finished and await stream.get() == []

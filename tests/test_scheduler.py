@@ -165,6 +165,11 @@ def step_once(sched: Scheduler, worker: FakeWorker) -> StepPlan:
     assert plan is not None
     assert 0 < plan.num_batched_tokens <= sched.config.max_num_batched_tokens
     assert len(plan.scheduled) <= sched.config.max_num_seqs
+    # the plan's lists, built in one pass, say what the step says
+    assert list(unpack_ints(plan.step.seq_ids)) == [s.seq_id for s in plan.seqs] == list(plan.scheduled)
+    assert list(unpack_ints(plan.step.num_tokens)) == plan.counts and plan.num_batched_tokens == sum(plan.counts)
+    assert plan.sample_seqs == [s for s in plan.seqs if s.num_computed_tokens == s.num_tokens]
+    assert list(unpack_ints(plan.packed_sample_ids)) == plan.sample_seq_ids
     sched.update(plan, worker.run(plan.step))
     check_state(sched)
     return plan
@@ -294,7 +299,7 @@ def test_abort_frees_blocks_and_tells_the_worker():
     plan = sched.schedule()
     sched.abort(2)
     before = list(b.output_token_ids)
-    assert sched.update(plan, worker.run(plan.step)) == [] and b.output_token_ids == before
+    assert len(sched.update(plan, worker.run(plan.step))) == 0 and b.output_token_ids == before
     assert not sched.has_work and sched.schedule() is None  # the pending free waits for a next plan
     sched.add(make_seq(4, [1, 2]))
     plan = step_once(sched, worker)
@@ -371,8 +376,9 @@ def test_logprobs_are_unpacked_per_token():
     sched.add(asked)
     sched.add(plain)
     plan = sched.schedule()
-    updates = sched.update(plan, worker.run(plan.step))
-    assert [u.new_logprobs for u in updates if u.seq is plain] == [[]]
+    out = sched.update(plan, worker.run(plan.step))
+    assert plain in out.seqs and asked in out.seqs and plain.seq_id not in out.logprobs
+    assert out.logprobs[asked.seq_id] == asked.logprobs[0]
     run_to_end(sched, worker)
     assert not plain.logprobs and len(asked.logprobs) == 3
     for i, (value, top) in enumerate(asked.logprobs):
