@@ -1,4 +1,5 @@
-"""Builds and loads the worker's C++ CPU kernels (worker/csrc) at first use, cached on disk.
+"""Builds and loads the worker's C++ CPU kernels (worker/csrc: paged attention, fused elementwise ops) at first
+use, one library per source file, cached on disk.
 
 The build is tuned for the CPU it runs on (-march=native), so the cache key holds the source, the flags,
 the torch version and this CPU's feature flags: a cache copied to another machine is rebuilt, not reused.
@@ -21,12 +22,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
+FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno")
 
 
@@ -94,24 +97,45 @@ def build(source: Path = SOURCE, root: Path | None = None) -> Path:
     return lib
 
 
+def _load(source: Path, op: str) -> Callable[..., None]:
+    """torch.ops.nimbus.<op>, building and loading `source`'s library first unless this process has it."""
+    lib = build(source)
+    if not hasattr(torch.ops.nimbus, op):  # load() has loaded it already when it built it
+        torch.ops.load_library(str(lib))
+    return getattr(torch.ops.nimbus, op)
+
+
 @functools.cache
 def paged_attention() -> Callable[..., None]:
     """torch.ops.nimbus.paged_attention, building and loading its library once per process.
 
     (out, q, k, v, kv_cache, slot_mapping, block_tables, query_start, context_lens, scale) -> None;
     see worker/csrc/paged_attention.cpp for the layouts."""
-    lib = build()
-    if not hasattr(torch.ops.nimbus, "paged_attention"):  # load() has loaded it already when it built it
-        torch.ops.load_library(str(lib))
-    return torch.ops.nimbus.paged_attention
+    return _load(SOURCE, "paged_attention")
+
+
+@functools.cache
+def fused_ops() -> Any:
+    """torch.ops.nimbus, once worker/csrc/fused_ops.cpp is built and loaded: rms_norm, fused_add_rms_norm,
+    silu_and_mul and rotary (see that file for their contracts)."""
+    _load(FUSED_SOURCE, "fused_add_rms_norm")
+    return torch.ops.nimbus
 
 
 def main() -> int:
+    """Builds every kernel library; exits 1 if one could not be built (workers then use the torch paths)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    t0 = time.perf_counter()
-    lib = build()
-    print(f"{lib} ready in {time.perf_counter() - t0:.1f} s")
-    return 0
+    failed = 0
+    for source in (SOURCE, FUSED_SOURCE):
+        t0 = time.perf_counter()
+        try:
+            lib = build(source)
+        except Exception as e:  # report each library: one failing must not hide whether the other built
+            print(f"{source.name} not built: {e}", file=sys.stderr)
+            failed = 1
+            continue
+        print(f"{lib} ready in {time.perf_counter() - t0:.1f} s")
+    return failed
 
 
 if __name__ == "__main__":

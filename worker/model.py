@@ -1,15 +1,25 @@
-"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) written for a flattened batch over a paged KV cache."""
+"""Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) written for a flattened batch over a paged KV cache.
+
+The elementwise steps (norms, residual adds, rotary, SiLU) go through an ElementwiseOps: TorchOps is the reference,
+FusedCpuOps (worker/csrc/fused_ops.cpp) does each in one pass on CPU; the residual add rides in the next norm.
+"""
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.config import ModelConfig, RopeConfig
+
+log = logging.getLogger(__name__)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -41,25 +51,122 @@ class Rotary(nn.Module):
         self.register_buffer("sin", freqs.sin().to(dtype), persistent=False)
 
     def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin [T, 1, head_dim / 2] for the step's positions; looked up once and shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        """cos and sin [T, head_dim / 2] for the step's positions; looked up once and shared by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x [T, heads, head_dim]; rotate-half (GPT-NeoX) layout, as Hugging Face Llama checkpoints use
+    # x [T, heads, head_dim], cos/sin [T, head_dim / 2]; rotate-half (GPT-NeoX) layout, as Hugging Face Llama
+    # checkpoints use
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # normalise in float32 like the reference implementation, then scale in the model dtype
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
 class RMSNorm(nn.Module):
+    """Holds a norm's weight and eps; the layers apply it through their ElementwiseOps."""
+
     def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalise in float32 like the reference implementation, then scale in the model dtype
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+class ElementwiseOps(Protocol):
+    """The decoder layer's elementwise steps. Results may be written over an input the docstring names."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual); may overwrite x and residual with them."""
+        ...
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for gate_up [T, 2I] = (gate, up)."""
+        ...
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotary embedding of x [T, heads, head_dim] (cos/sin [T, head_dim / 2]); may overwrite x."""
+        ...
+
+
+class TorchOps:
+    """The reference: plain torch ops, on any device and dtype."""
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        residual = residual + x
+        return rms_norm(residual, weight, eps), residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, -1)
+        return F.silu(gate) * up
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rotary(x, cos, sin)
+
+
+class FusedCpuOps:
+    """The C++ ops of worker/csrc/fused_ops.cpp: one pass over each row per step, in place where the
+    protocol allows; CPU, float32 and bfloat16. Same roundings as TorchOps, float32 accumulation."""
+
+    DTYPES = (torch.float32, torch.bfloat16)
+
+    def __init__(self) -> None:
+        self._ops = kernels.fused_ops()
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        out = torch.empty_like(x)
+        self._ops.rms_norm(out, x, weight, eps)
+        return out
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ops.fused_add_rms_norm(x, residual, weight, eps)
+        return x, residual
+
+    def silu_and_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        self._ops.silu_and_mul(out, gate_up)
+        return out
+
+    def rotary(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        self._ops.rotary(x, cos, sin)
+        return x
+
+
+def select_ops(device: torch.device, dtype: torch.dtype) -> ElementwiseOps:
+    """FusedCpuOps on CPU in float32 and bfloat16 where the library builds (one warning where it does not),
+    else TorchOps."""
+    if device.type == "cpu" and dtype in FusedCpuOps.DTYPES and _fused_ops_load():
+        return FusedCpuOps()
+    return TorchOps()
+
+
+@functools.cache
+def _fused_ops_load() -> bool:
+    """Whether the fused ops build and load here; asked once per process, so the warning shows once."""
+    try:
+        kernels.fused_ops()
+    except Exception as e:  # a missing compiler or ninja must not stop the worker: the torch ops still work
+        log.warning("fused elementwise ops unavailable (%s); using torch ops", e)
+        return False
+    return True
 
 
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
@@ -88,30 +195,47 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         meta: AttentionMetadata,
         attention: AttentionBackend,
-    ) -> torch.Tensor:
+        ops: ElementwiseOps,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (this layer's MLP output, the residual stream before it is added): the next norm adds them
+        in the same pass (the first layer gets residual None, the embeddings as hidden)."""
         t = hidden.shape[0]
-        qkv = F.linear(self.input_norm(hidden), self.qkv_weight, self.qkv_bias)
+        if residual is None:
+            x, residual = ops.rms_norm(hidden, self.input_norm.weight, self.input_norm.eps), hidden
+        else:
+            x, residual = ops.add_rms_norm(hidden, residual, self.input_norm.weight, self.input_norm.eps)
+        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         qk_size = self.q_size + self.kv_size
         # q and k heads side by side take one rotary pass (fewer small ops, which dominate at small batch)
-        qk = apply_rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
+        qk = ops.rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
         q, k = qk.split((self.num_heads, self.num_kv_heads), dim=1)
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         attn = attention.forward(q, k, v, kv_cache, meta).reshape(t, self.q_size)
-        hidden = hidden + F.linear(attn, self.o_weight, self.o_bias)
-        gate, up = F.linear(self.post_attention_norm(hidden), self.gate_up_weight, self.gate_up_bias).chunk(2, -1)
-        return hidden + F.linear(F.silu(gate) * up, self.down_weight, self.down_bias)
+        norm = self.post_attention_norm
+        x, residual = ops.add_rms_norm(F.linear(attn, self.o_weight, self.o_bias), residual, norm.weight, norm.eps)
+        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
+        return F.linear(ops.silu_and_mul(gate_up), self.down_weight, self.down_bias), residual
 
 
 class CausalLM(nn.Module):
     """The whole model: embeddings, decoder layers, final norm and LM head (tied or not)."""
 
-    def __init__(self, config: ModelConfig, max_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        ops: ElementwiseOps | None = None,
+    ) -> None:
         super().__init__()
         self.config = config
+        self.ops = ops or select_ops(device, dtype)
         self.embed = _param((config.vocab_size, config.hidden_size), dtype, device)
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
@@ -131,9 +255,12 @@ class CausalLM(nn.Module):
         """Returns float32 logits [len(logits_indices), vocab] for the chosen rows of the flattened batch."""
         hidden = F.embedding(input_ids, self.embed)
         rope = self.rotary.tables(positions)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(hidden, rope, kv_cache, meta, attention)
+            hidden, residual = layer(hidden, residual, rope, kv_cache, meta, attention, self.ops)
         # the LM head is the largest matrix: apply it only where a token is sampled
-        hidden = self.norm(hidden[logits_indices])
+        assert residual is not None, "a model has at least one layer"
+        hidden, _ = self.ops.add_rms_norm(hidden[logits_indices], residual[logits_indices], self.norm.weight,
+                                          self.norm.eps)
         head = self.embed if self.lm_head is None else self.lm_head
         return F.linear(hidden, head).float()
