@@ -132,3 +132,30 @@ def test_prefill_spans_several_key_stages(paged):
     # keys are staged 256 at a time with an online softmax across stages: chunks far into a long context
     compare(paged, [70, 520, 3], [600, 0, 900], kv_heads=3, group=3, head_dim=64)
     compare(paged, [70, 300], [600, 0], atol=3e-2, dtype=torch.bfloat16, kv_heads=3, group=3, head_dim=64)
+
+
+def test_rejects_slots_and_blocks_outside_the_pool(paged):
+    q, k, v, kv_cache, meta = random_step([1, 4], [20, 0], kv_heads=3, group=3, head_dim=64)
+    before = kv_cache.clone()
+    num_slots = kv_cache.shape[1] * kv_cache.shape[2]
+    bad = meta.slot_mapping.clone()
+    bad[2] = num_slots
+    with pytest.raises(RuntimeError, match="slot_mapping"):
+        paged._op(torch.empty_like(q), q, k, v, kv_cache, bad, meta.block_tables, meta.query_start,
+                  meta.context_lens, 0.125)
+    tables = meta.block_tables.clone()
+    tables[0, 0] = kv_cache.shape[1]
+    with pytest.raises(RuntimeError, match="not in the pool"):
+        paged._op(torch.empty_like(q), q, k, v, kv_cache, meta.slot_mapping, tables, meta.query_start,
+                  meta.context_lens, 0.125)
+    assert torch.equal(kv_cache, before)  # checked before anything is written
+
+
+def test_bfloat16_random_layouts(paged):
+    rng = random.Random(11)
+    for seed in range(12):
+        n = rng.randint(1, 12)
+        lens = [rng.choice([1, 1, 1, rng.randint(2, 40)]) for _ in range(n)]
+        starts = [rng.randint(0, 200) for _ in range(n)]
+        compare(paged, lens, starts, atol=3e-2, dtype=torch.bfloat16, block_size=rng.choice([1, 4, 16]), seed=seed,
+                kv_heads=rng.choice([1, 2, 3]), group=rng.choice([1, 2, 3, 4, 5]), head_dim=rng.choice([32, 64, 128]))

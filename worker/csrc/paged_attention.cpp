@@ -581,6 +581,23 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
 
   const at::Tensor key_cache = kv_cache.select(0, 0), value_cache = kv_cache.select(0, 1);
   const int64_t* slots = slot_mapping.const_data_ptr<int64_t>();
+  // every slot written and every block read must lie in the pool: a bad step is an error, not a stray write
+  const int64_t num_blocks = kv_cache.size(1), block_size = kv_cache.size(2), width = block_tables.size(1);
+  for (int64_t t = 0; t < k.size(0); ++t)
+    TORCH_CHECK(slots[t] >= 0 && slots[t] < num_blocks * block_size, "slot_mapping[", t, "] = ", slots[t],
+                " lies outside the pool of ", num_blocks, " blocks of ", block_size);
+  const int32_t* starts = query_start.const_data_ptr<int32_t>();
+  const int32_t* lens = context_lens.const_data_ptr<int32_t>();
+  const int32_t* tables = block_tables.const_data_ptr<int32_t>();
+  TORCH_CHECK(starts[0] == 0, "query_start must begin at 0");
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    const int64_t q_len = int64_t(starts[s + 1]) - starts[s], used = (int64_t(lens[s]) + block_size - 1) / block_size;
+    TORCH_CHECK(q_len >= 0 && lens[s] >= q_len && used <= width, "sequence ", s, ": ", q_len, " new tokens, context ",
+                lens[s], ", block table of ", width);
+    for (int64_t b = 0; b < used; ++b)
+      TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks, "sequence ", s, " block ", b,
+                  " = ", tables[s * width + b], " is not in the pool of ", num_blocks);
+  }
   if (dtype == at::kFloat) {
     write_cache<float>(k, key_cache, slots, kv_heads, d);
     write_cache<float>(v, value_cache, slots, kv_heads, d);
