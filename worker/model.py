@@ -18,6 +18,7 @@ from torch import nn
 from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.config import ModelConfig, RopeConfig
+from worker.linear import Linear, should_pack
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,10 @@ def _fused_ops_load() -> bool:
     return True
 
 
+# a decoder layer's weight matrices: <name>_weight and <name>_bias parameters, applied by <name>_proj
+PROJECTIONS = ("qkv", "o", "gate_up", "down")
+
+
 def _param(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
 
@@ -191,6 +196,9 @@ class DecoderLayer(nn.Module):
         self.down_bias = _param((c.hidden_size,), dtype, device) if c.mlp_bias else None
         self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
         self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, dtype, device)
+        # the projections as callables: F.linear on the parameters until CausalLM.pack_weights swaps packed ones in
+        for name in PROJECTIONS:
+            setattr(self, f"{name}_proj", Linear(getattr(self, f"{name}_weight"), getattr(self, f"{name}_bias"), False))
 
     def forward(
         self,
@@ -209,7 +217,7 @@ class DecoderLayer(nn.Module):
             x, residual = ops.rms_norm(hidden, self.input_norm.weight, self.input_norm.eps), hidden
         else:
             x, residual = ops.add_rms_norm(hidden, residual, self.input_norm.weight, self.input_norm.eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = self.qkv_proj(x)
         qk_size = self.q_size + self.kv_size
         # q and k heads side by side take one rotary pass (fewer small ops, which dominate at small batch)
         qk = ops.rotary(qkv[:, :qk_size].view(t, -1, self.head_dim), *rope)
@@ -217,9 +225,8 @@ class DecoderLayer(nn.Module):
         v = qkv[:, qk_size:].view(t, self.num_kv_heads, self.head_dim)
         attn = attention.forward(q, k, v, kv_cache, meta).reshape(t, self.q_size)
         norm = self.post_attention_norm
-        x, residual = ops.add_rms_norm(F.linear(attn, self.o_weight, self.o_bias), residual, norm.weight, norm.eps)
-        gate_up = F.linear(x, self.gate_up_weight, self.gate_up_bias)
-        return F.linear(ops.silu_and_mul(gate_up), self.down_weight, self.down_bias), residual
+        x, residual = ops.add_rms_norm(self.o_proj(attn), residual, norm.weight, norm.eps)
+        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
 
 
 class CausalLM(nn.Module):
@@ -240,6 +247,7 @@ class CausalLM(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, dtype, device) for _ in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = None if config.tie_word_embeddings else _param(self.embed.shape, dtype, device)
+        self.head_proj = Linear(self.embed if self.lm_head is None else self.lm_head, None, False)
         self.rotary = Rotary(config, max_len, dtype, device)
 
     @torch.inference_mode()
@@ -262,5 +270,32 @@ class CausalLM(nn.Module):
         assert residual is not None, "a model has at least one layer"
         hidden, _ = self.ops.add_rms_norm(hidden[logits_indices], residual[logits_indices], self.norm.weight,
                                           self.norm.eps)
+        return self.head_proj(hidden).float()
+
+    def pack_weights(self) -> bool:
+        """Packs every projection and the LM head for oneDNN where that pays (CPU, bfloat16: worker/linear.py) and
+        frees the plain copies of the projections; True if it did. Call once, after the weights are loaded.
+
+        A tied LM head keeps its plain matrix too, as the embedding table: packing it costs one more copy of the
+        vocabulary matrix (counted by weight_bytes) and buys the largest multiply of a decode step its speed."""
+        if not should_pack(self.embed.device, self.embed.dtype):
+            return False
+        for layer in self.layers:
+            for name in PROJECTIONS:
+                weight, bias = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_bias")
+                setattr(layer, f"{name}_proj", Linear(weight.detach(), None if bias is None else bias.detach(), True))
+                weight.data = weight.data.new_empty(0)  # the packed copy replaces it
         head = self.embed if self.lm_head is None else self.lm_head
-        return F.linear(hidden, head).float()
+        self.head_proj = Linear(head.detach(), None, True)
+        if self.lm_head is not None:
+            self.lm_head.data = self.lm_head.data.new_empty(0)
+        return True
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights: the parameters plus any packed copies."""
+        total = sum(p.numel() * p.element_size() for p in self.parameters())
+        projections = [getattr(layer, f"{n}_proj") for layer in self.layers for n in PROJECTIONS]
+        for lin in [*projections, self.head_proj]:
+            if lin.packed:
+                total += lin.weight.numel() * lin.weight.element_size()
+        return total

@@ -73,14 +73,15 @@ class ModelRunner:
                                  self.config.max_position_embeddings)
         self.model = CausalLM(self.config, self.max_model_len, self.dtype, self.device)
         load_weights(self.model, self.folder)
+        self.packed_weights = self.model.pack_weights()
         self.attention = attention or select_attention(self.device, self.dtype, self.config.head_dim)
         self.num_blocks = self._num_blocks(kv_cache_bytes, gpu_memory_utilization)
         c = self.config
         shape = (c.num_layers, 2, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_layers = list(self.kv_cache.unbind(0))
-        log.info("loaded %s on %s (%s): %d KV blocks of %d tokens", self.folder.name, self.device,
-                 self.dtype, self.num_blocks, block_size)
+        log.info("loaded %s on %s (%s%s): %d KV blocks of %d tokens", self.folder.name, self.device, self.dtype,
+                 ", weights packed for oneDNN" if self.packed_weights else "", self.num_blocks, block_size)
 
     @property
     def kv_bytes_per_block(self) -> int:
@@ -90,7 +91,7 @@ class ModelRunner:
 
     @property
     def weight_bytes(self) -> int:
-        return sum(p.numel() * p.element_size() for p in self.model.parameters())
+        return self.model.weight_bytes()
 
     def _num_blocks(self, kv_cache_bytes: int | None, utilization: float) -> int:
         if kv_cache_bytes is None and self.device.type == "cuda":
