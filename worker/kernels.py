@@ -30,7 +30,10 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
-CFLAGS = ("-O3", "-march=native", "-fno-math-errno")
+# -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built with
+# OpenMP; the libgomp it links is the one torch has loaded already (same soname), so there is one thread pool
+CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
+LDFLAGS = ("-fopenmp",)
 
 
 def cache_root() -> Path:
@@ -53,7 +56,7 @@ def cpu_flags() -> str:
 
 def build_key(source: Path = SOURCE) -> str:
     h = hashlib.sha256(source.read_bytes())
-    for part in (*CFLAGS, torch.__version__, str(torch.compiled_with_cxx11_abi()), platform.machine(),
+    for part in (*CFLAGS, *LDFLAGS, torch.__version__, str(torch.compiled_with_cxx11_abi()), platform.machine(),
                  cpu_flags(), os.environ.get("CXX", "c++")):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
@@ -89,7 +92,8 @@ def build(source: Path = SOURCE, root: Path | None = None) -> Path:
         shutil.rmtree(work, ignore_errors=True)  # leftovers of a build that died half way
         work.mkdir()
         with _ninja_on_path():
-            built = cpp_extension.load(name, [str(source)], extra_cflags=list(CFLAGS), build_directory=str(work),
+            built = cpp_extension.load(name, [str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                                       build_directory=str(work),
                                        is_python_module=False, verbose=False)
         # publish atomically: a library that exists is complete
         os.replace(built, lib)
