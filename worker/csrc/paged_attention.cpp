@@ -18,7 +18,9 @@
 //            and both products (Q K^T and P V) run as small register-blocked matrix multiplies; softmax is online
 //            across stages. Tiles wholly in a row block's future are skipped.
 // The G = H/KVH query heads of a kv head are always processed together so each K/V row is read once.
-// Accumulation is in float32 for both dtypes.
+// Accumulation is in float32 for both dtypes. On CPUs with AVX512-BF16, bfloat16 prefill runs both products on
+// vdpbf16ps (prefill_dp: about 1.3x the float path's speed); bfloat16 decode does not (memory-bound: the same
+// change measured 5-10% slower there once the KV cache no longer fits the caches).
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -484,12 +486,179 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
   }
 }
 
+#ifdef __AVX512BF16__
+inline __m512bh load32bh(const c10::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
+}
+#endif
+
+#ifdef __AVX512BF16__
+// bfloat16 prefill on AVX512-BF16: the same stages as `prefill`, with both small products on vdpbf16ps (two
+// products a lane, float32 sums). K is staged as dimension pairs per key tile, V as key pairs (rows j and j+1
+// interleaved, in the lane order unpacklo/unpackhi give), the softmax weights rounded to bfloat16 for the value
+// product as a bfloat16 P V matrix multiply rounds them. q is used as stored; scores are scaled afterwards.
+template <int R>
+inline void score_block_dp(const c10::BFloat16* q, int64_t d, const c10::BFloat16* kt2, float scale, float* s,
+                           int64_t s_stride) {
+  __m512 a[R];
+  for (int r = 0; r < R; ++r) a[r] = _mm512_setzero_ps();
+  for (int64_t i = 0; i < d; i += 2) {
+    const __m512bh k = load32bh(kt2 + i * W);  // W keys x dimensions (i, i + 1)
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, q + r * d + i, sizeof pair);
+      a[r] = _mm512_dpbf16_ps(a[r], k, reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)));
+    }
+  }
+  for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * s_stride, _mm512_mul_ps(a[r], _mm512_set1_ps(scale)));
+}
+
+template <int NB, int R>
+inline void value_block_dp(const c10::BFloat16* p, int64_t p_stride, const c10::BFloat16* v2, int64_t nk,
+                           float* acc, int64_t d) {
+  __m512 a[R][2 * NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_loadu_ps(acc + r * d + b * W);
+  for (int64_t j = 0; j < nk; j += 2) {
+    __m512bh vv[2 * NB];
+    for (int b = 0; b < 2 * NB; ++b) vv[b] = load32bh(v2 + (j / 2 * 2 * NB + b) * 32);
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;  // the weights of keys j and j + 1 (zero past the row's visible keys)
+      std::memcpy(&pair, p + r * p_stride + j, sizeof pair);
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_dpbf16_ps(a[r][b], vv[b], w);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 2 * NB; ++b) _mm512_storeu_ps(acc + r * d + b * W, a[r][b]);
+}
+
+template <int NB>
+void prefill_dp(const Problem& P, const Item& it, Scratch& S) {
+  using T = c10::BFloat16;
+  constexpr int RV = NB <= 1 ? 8 : NB <= 2 ? 6 : 2;
+  const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
+  const int64_t first_row = P.query_start[it.seq] + it.q_begin;
+  const int64_t q_len = P.query_start[it.seq + 1] - P.query_start[it.seq];
+  const int64_t first_pos = P.context_lens[it.seq] - q_len + it.q_begin;
+  const int64_t tokens = it.q_end - it.q_begin, nrows = tokens * G;
+  // bfloat16 scratch lives in the float vectors, two to a slot
+  Scratch::fit(S.q, nrows * d / 2);
+  Scratch::fit(S.acc, nrows * d);
+  Scratch::fit(S.s, nrows * KC + nrows * KC / 2);
+  Scratch::fit(S.kt, KC * d / 2);
+  Scratch::fit(S.v, KC * d / 2);
+  Scratch::fit(S.max, nrows);
+  Scratch::fit(S.sum, nrows);
+  if (S.rows.size() < size_t(KC)) S.rows.resize(KC);
+  T* hq = reinterpret_cast<T*>(S.q.data());
+  const int64_t head0 = kv_head * G;
+  const T* q = static_cast<const T*>(P.q);
+  for (int64_t t = 0; t < tokens; ++t)
+    for (int64_t g = 0; g < G; ++g)
+      std::memcpy(hq + (t * G + g) * d, q + (first_row + t) * P.q_token_stride + (head0 + g) * P.q_head_stride,
+                  d * sizeof(T));
+  std::fill_n(S.acc.data(), nrows * d, 0.0f);
+  std::fill_n(S.max.data(), nrows, NEG_INF);
+  std::fill_n(S.sum.data(), nrows, 0.0f);
+
+  const T* kc = static_cast<const T*>(P.key_cache);
+  const T* vc = static_cast<const T*>(P.value_cache);
+  const int32_t* table = P.block_tables + int64_t(it.seq) * P.table_stride;
+  const int64_t key_end = first_pos + tokens;
+  int64_t* rows = S.rows.data();
+  float* s = S.s.data();
+  T* hp = reinterpret_cast<T*>(S.s.data() + nrows * KC);  // the weights in bfloat16, rows of KC
+  int32_t* kt2 = reinterpret_cast<int32_t*>(S.kt.data());  // [tile][d / 2][W] dimension pairs
+  T* v2 = reinterpret_cast<T*>(S.v.data());                // [key pair][2 * NB vectors of 32]
+  for (int64_t c0 = 0; c0 < key_end; c0 += KC) {
+    const int64_t cn = std::min<int64_t>(KC, key_end - c0), tiles = (cn + W - 1) / W;
+    tile_rows(P, table, c0, cn, rows);
+    for (int64_t j = 0; j < tiles * W; ++j) {
+      int32_t* ktile = kt2 + (j / W) * (d / 2) * W;
+      const int64_t lane = j % W;
+      if (j < cn) {
+        const int32_t* krow = reinterpret_cast<const int32_t*>(kc + rows[j] + kv_head * d);
+        for (int64_t i = 0; i < d / 2; ++i) ktile[i * W + lane] = krow[i];
+      } else {
+        for (int64_t i = 0; i < d / 2; ++i) ktile[i * W + lane] = 0;
+      }
+    }
+    for (int64_t j = 0; j < tiles * W; j += 2) {
+      for (int b = 0; b < NB; ++b) {
+        const __m512i x = j < cn ? _mm512_loadu_si512(vc + rows[j] + kv_head * d + b * 32) : _mm512_setzero_si512();
+        const __m512i y =
+            j + 1 < cn ? _mm512_loadu_si512(vc + rows[j + 1] + kv_head * d + b * 32) : _mm512_setzero_si512();
+        _mm512_storeu_si512(v2 + (j / 2 * 2 * NB + 2 * b) * 32, _mm512_unpacklo_epi16(x, y));
+        _mm512_storeu_si512(v2 + (j / 2 * 2 * NB + 2 * b + 1) * 32, _mm512_unpackhi_epi16(x, y));
+      }
+    }
+    const int64_t r_begin = std::max<int64_t>(0, c0 - first_pos) * G;
+    auto visible = [&](int64_t r) { return std::min<int64_t>(cn, first_pos + r / G - c0 + 1); };
+    for (int64_t r0 = r_begin; r0 < nrows;) {
+      const int64_t nr = std::min<int64_t>(RQ, nrows - r0);
+      const int64_t need = (visible(r0 + nr - 1) + W - 1) / W;
+      for (int64_t ti = 0; ti < need; ++ti) {
+        const T* ktile = reinterpret_cast<const T*>(kt2 + ti * (d / 2) * W);
+        float* sb = s + r0 * KC + ti * W;
+        if (nr == RQ) {
+          score_block_dp<RQ>(hq + r0 * d, d, ktile, P.scale, sb, KC);
+        } else {
+          for (int64_t r = 0; r < nr; ++r) score_block_dp<1>(hq + (r0 + r) * d, d, ktile, P.scale, sb + r * KC, KC);
+        }
+      }
+      r0 += nr;
+    }
+    for (int64_t r = r_begin; r < nrows; ++r) {
+      const int64_t vis = visible(r);
+      float* sr = s + r * KC;
+      float m;
+      const float total = exp_row(sr, vis, m);
+      std::fill(sr + vis, sr + tiles * W, 0.0f);
+      const float new_max = std::max(S.max[r], m);
+      float f = 1.0f;
+      if (new_max != m) {
+        f = std::exp(m - new_max);
+        S.sum[r] += total * f;
+      } else {
+        const float corr = std::exp(S.max[r] - new_max);
+        float* a = S.acc.data() + r * d;
+        for (int64_t c = 0; c < d; c += W) storeu(a + c, loadu(a + c) * corr);
+        S.sum[r] = S.sum[r] * corr + total;
+      }
+      S.max[r] = new_max;
+      for (int64_t j = 0; j < tiles * W; j += W)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(hp + r * KC + j),
+                            reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + j) * f)));
+    }
+    for (int64_t r0 = r_begin; r0 < nrows;) {
+      const int64_t nr = std::min<int64_t>(RV, nrows - r0);
+      const int64_t nk = visible(r0 + nr - 1);
+      float* acc = S.acc.data() + r0 * d;
+      r0 += with_rows<RV>(nr, [&]<int RR>() { value_block_dp<NB, RR>(hp + r0 * KC, KC, v2, nk, acc, d); });
+    }
+  }
+  // acc vector 2b holds, in lane 4L + k, dimension 32b + 8L + k; vector 2b + 1 dimension 32b + 8L + 4 + k
+  T* out = static_cast<T*>(P.out);
+  for (int64_t r = 0; r < nrows; ++r) {
+    const float* a = S.acc.data() + r * d;
+    const float inv = 1.0f / S.sum[r];
+    T* o = out + (first_row + r / G) * P.out_token_stride + (head0 + r % G) * P.out_head_stride;
+    for (int b = 0; b < NB; ++b)
+      for (int half = 0; half < 2; ++half)
+        for (int lane = 0; lane < W; ++lane)
+          o[32 * b + 8 * (lane / 4) + 4 * half + lane % 4] = T(a[(2 * b + half) * W + lane] * inv);
+  }
+}
+#endif
+
 template <typename T, int NVC>
 void attend(const Problem& P, const Item& it, Scratch& S) {
-  if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1)
-    decode<T, NVC>(P, it, S);
-  else
-    prefill<T, NVC>(P, it, S);
+  if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode<T, NVC>(P, it, S);
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16> && NVC > 0 && NVC % 2 == 0) return prefill_dp<NVC / 2>(P, it, S);
+#endif
+  prefill<T, NVC>(P, it, S);
 }
 
 template <typename T>
