@@ -5,7 +5,9 @@ Three parts, each against a real `nimbus serve` on a free loopback port, sampled
           sequences: steps/s (the daemon's /metrics step count) and daemon CPU per step.
           Target: >= 1,000 steps/s, <= 1 ms of daemon CPU per step.
   real    the default model (SmolLM2-135M), a burst of 64 requests x 256 prompt tokens x 128 output tokens
-          (ignore_eos): the daemon's CPU time over the run's wall time. Target: < 10% of one core.
+          (ignore_eos): the daemon's CPU time over the run's wall time. Target: < 10% of one core. Also the
+          worker's RSS against the weights and KV pool it logs: idle, peak during the burst (the activation
+          workspace on top), after it, and after a second identical burst (nothing may grow per request).
   memory  null-model workers, 500 warm-up requests, then 10,000 more at 256 in flight: RSS during and after.
           Target: < 250 MB with 256 running sequences; after 10k within 5% of after the warm-up.
 
@@ -30,6 +32,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -76,8 +79,8 @@ def free_port() -> int:
 class Daemon:
     """One `nimbus serve` with one local worker (null model or the default model); always cleaned up."""
 
-    def __init__(self, out: Path, null_model: bool, profile: bool = False) -> None:
-        self.out, self.null_model, self.profile = out, null_model, profile
+    def __init__(self, out: Path, null_model: bool, profile: bool = False, dtype: str | None = None) -> None:
+        self.out, self.null_model, self.profile, self.dtype = out, null_model, profile, dtype
         self.port = free_port()
         self.name = f"{'null' if null_model else 'model'}-{self.port}"
         self.admin_key = secrets.token_hex(16)
@@ -97,7 +100,8 @@ class Daemon:
         config = self.out / f"{self.name}.toml"
         config.write_text(f'[server]\nadmin_keys = ["{self.admin_key}"]\nmetrics_public = true\n'
                           f'[workers]\nruntime_dir = "{self.out}/run-{self.port}"\n'
-                          f'null_model = {str(self.null_model).lower()}\n')
+                          f'null_model = {str(self.null_model).lower()}\n'
+                          + (f'dtype = "{self.dtype}"\n' if self.dtype else ''))
         log = (self.out / f"{self.name}.log").open("w")
         cmd = [sys.executable, "-m", "daemon.cli", "serve", "--port", str(self.port), "--workers", "1",
                "--config", str(config), "--log-format", "text"]
@@ -389,24 +393,65 @@ def part_steps(out: Path, quick: bool, profile: bool, procs: int) -> dict[str, A
     return row
 
 
-def part_real(out: Path, quick: bool, profile: bool) -> dict[str, Any]:
-    """A burst on the default model: the daemon's share of one core over the run."""
+class RssPeak:
+    """The largest RSS a process reaches while the block runs, sampled every 50 ms from a thread."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid, self.peak, self._stop = pid, 0.0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError):
+                self.peak = max(self.peak, rss_mb(self.pid))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> RssPeak:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def worker_footprint(log: Path) -> tuple[float, float]:
+    """(weights MiB, KV pool MiB) from the worker's "loaded ..." log line."""
+    m = re.search(r"weights ([\d.]+) MiB, \d+ KV blocks of \d+ tokens \(([\d.]+) MiB\)", log.read_text())
+    return (float(m.group(1)), float(m.group(2))) if m else (float("nan"), float("nan"))
+
+
+def part_real(out: Path, quick: bool, profile: bool, dtype: str | None) -> dict[str, Any]:
+    """A burst on the default model: the daemon's share of one core over the run, and the worker's memory."""
     requests, prompt_len, max_tokens = (16, 64, 32) if quick else (64, 256, 128)
     prompts = token_prompts(requests, prompt_len)
-    with Daemon(out, null_model=False) as daemon:
+    with Daemon(out, null_model=False, dtype=dtype) as daemon:
         # warm-up: the first forward passes are slower (allocation, lazy init), and not what is measured
         Clients(out, daemon, 1, 2, 2, 120, 8, token_prompts(2, 32)).wait(180)
+        (worker,) = daemon.worker_pids()
+        worker_idle = rss_mb(worker)
         first = sample(daemon, None)
-        clients = Clients(out, daemon, 1, requests, requests, 900, max_tokens, prompts, unique=False)
-        if profile:
-            daemon.start_profile("real-profile", 60)
-        res = clients.wait(1000)
+        with RssPeak(worker) as peak:
+            clients = Clients(out, daemon, 1, requests, requests, 900, max_tokens, prompts, unique=False)
+            if profile:
+                daemon.start_profile("real-profile", 60)
+            res = clients.wait(1000)
         last = sample(daemon, None)
+        worker_after = rss_mb(worker)
+        # the same burst again: a worker whose memory grows per request shows it here
+        with RssPeak(worker) as peak2:
+            again = Clients(out, daemon, 1, requests, requests, 900, max_tokens, token_prompts(requests, prompt_len),
+                            unique=False).wait(1000)
+        worker_after_second = rss_mb(worker)
+        weights, kv = worker_footprint(out / f"{daemon.name}.log")
         row = delta(first, last)
-        row.update(part="real", requests=requests, prompt_tokens=prompt_len, max_tokens=max_tokens,
+        row.update(part="real", requests=requests, prompt_tokens=prompt_len, max_tokens=max_tokens, dtype=dtype,
                    completed=res.completed, failed=res.failed, short=res.short, tokens=res.tokens,
                    output_tokens_per_s=res.tokens / row["wall_s"], client_cpu_s=res.cpu_s, errors=res.errors,
-                   rss_mb_end=last.rss_mb)
+                   rss_mb_end=last.rss_mb, second_completed=again.completed, second_failed=again.failed,
+                   worker_weights_mb=weights, worker_kv_mb=kv, worker_rss_mb_idle=worker_idle,
+                   worker_rss_mb_peak=max(peak.peak, peak2.peak), worker_rss_mb_after=worker_after,
+                   worker_rss_mb_after_second=worker_after_second)
     return row
 
 
@@ -472,7 +517,11 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"{r['failed']} failed, {r['tokens']} tokens in {r['wall_s']:.1f} s ({r['output_tokens_per_s']:.1f}/s)",
                 f"        {100 * r['daemon_core_share']:8.2f} % of a core: daemon ({r['daemon_cpu_s']:.2f} s; target < 10)",
                 f"        workers {r['worker_cpu_s']:.1f} s, client {r['client_cpu_s']:.1f} s, others "
-                f"{r['others_cpu_s']:.1f} s"]
+                f"{r['others_cpu_s']:.1f} s",
+                f"        worker RSS MB: weights {r['worker_weights_mb']:.0f} + KV pool {r['worker_kv_mb']:.0f}; idle "
+                f"{r['worker_rss_mb_idle']:.0f}, peak {r['worker_rss_mb_peak']:.0f}, after the burst "
+                f"{r['worker_rss_mb_after']:.0f}, after a second ({r['second_completed']} done, "
+                f"{r['second_failed']} failed) {r['worker_rss_mb_after_second']:.0f}"]
         elif r["part"] == "memory":
             lines += [
                 f"memory  {r['requests_warm_up']} warm-up + 2 x {r['requests']} requests ({r['completed']} done, "
@@ -493,6 +542,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small workloads: a smoke test of this script")
     parser.add_argument("--profile", action="store_true", help="py-spy record the daemon during steps and real")
     parser.add_argument("--client-procs", type=int, default=2, help="client processes for steps and memory")
+    parser.add_argument("--dtype", default=None, help="the workers' dtype in the real part (default: theirs)")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)  # internal: run one client process
     args = parser.parse_args()
     if args.client:
@@ -505,7 +555,7 @@ def main() -> int:
         if part == "steps":
             rows.append(part_steps(out, args.quick, args.profile, args.client_procs))
         elif part == "real":
-            rows.append(part_real(out, args.quick, args.profile))
+            rows.append(part_real(out, args.quick, args.profile, args.dtype))
         elif part == "memory":
             rows.append(part_memory(out, args.quick, args.client_procs))
         else:
