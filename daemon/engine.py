@@ -508,8 +508,8 @@ class Engine:
     def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
         if isinstance(exc, zmq.ZMQError):
             # The step never reached the worker (EHOSTUNREACH: it is gone): that says nothing about these
-            # sequences, so nobody is blamed (fail() blames the step in flight) and they move elsewhere.
-            replica.in_flight = None
+            # sequences, so nobody is blamed (fail() blames the steps in flight) and they move elsewhere.
+            replica.forget_flights()
             self._fail_replica(replica, f"unreachable: {exc}")
             return
         # The worker answered but the step failed (it reset itself): recompute everything it held,

@@ -1,7 +1,9 @@
 """One worker serving one model: its scheduler, the loop that drives its steps, and request streams.
 
-The loop is schedule -> send -> await the result -> update -> emit. A worker failure ends the loop;
-the engine then moves the replica's sequences elsewhere (they keep every token, so nothing is lost).
+The loop is schedule -> send -> await the result -> update -> emit; with the scheduler's overlap on it
+sends the next step before awaiting the result of the one in flight, so the worker always has the next
+step queued. A worker failure ends the loop; the engine then moves the replica's sequences elsewhere
+(they keep every token, so nothing is lost).
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import zmq
@@ -155,7 +157,19 @@ class WorkerFailed(Exception):
 class InFlight:
     plan: StepPlan
     future: asyncio.Future[StepResult]
-    started: float  # time.monotonic()
+    # time.monotonic() when the worker began on it, as far as the daemon can tell: when it was sent, or when
+    # the step before it was answered, whichever is later (step timeouts and durations count from here)
+    started: float
+
+
+def _drop(flights: list[InFlight]) -> None:
+    """Forget steps whose results nobody will await (a late one counts as a stale frame)."""
+    for flight in flights:
+        if flight.future.done():
+            if not flight.future.cancelled():
+                flight.future.exception()  # retrieved, so asyncio does not log it
+        else:
+            flight.future.cancel()
 
 
 class Replica:
@@ -174,14 +188,13 @@ class Replica:
         self.incarnation = incarnation
         self.tracks: dict[int, Track] = {}
         self.wake = asyncio.Event()
-        self.in_flight: InFlight | None = None
+        self.flights: deque[InFlight] = deque()  # the steps sent and not yet answered, oldest first
         self.last_heartbeat = time.monotonic()
         self.registered_at = time.monotonic()
         self.task: asyncio.Task[None] | None = None
         self.alive = True
         self.steps = 0
         self.stale_frames = 0
-        self.in_flight_started = 0.0
 
     @property
     def worker_id(self) -> str:
@@ -195,9 +208,14 @@ class Replica:
         return self.scheduler.prefix_match_tokens(token_ids)
 
     @property
+    def in_flight(self) -> InFlight | None:
+        """The oldest step in flight (the one the worker is computing), or None."""
+        return self.flights[0] if self.flights else None
+
+    @property
     def idle(self) -> bool:
         """Holds no request and runs no step (a draining replica in this state is drained)."""
-        return not self.tracks and self.in_flight is None
+        return not self.tracks and not self.flights
 
     def assign(self, replica_id: str | None, deployment: str = "", version: str = "") -> None:
         """Serve (deployment, version) as `replica_id`, or, with None, become a spare holding its model."""
@@ -217,8 +235,8 @@ class Replica:
             self.wake.set()
 
     def on_result(self, msg: StepResult | Error) -> None:
-        flight = self.in_flight
-        if flight is None or msg.step_id != flight.plan.step.step_id or flight.future.done():
+        flight = next((f for f in self.flights if f.plan.step.step_id == msg.step_id), None)
+        if flight is None or flight.future.done():
             self.stale_frames += 1
             log.warning("worker %s: dropping a result for step %s (not in flight)", self.worker_id, msg.step_id)
             return
@@ -227,17 +245,26 @@ class Replica:
         else:
             flight.future.set_result(msg)
 
+    def forget_flights(self) -> None:
+        """Stop awaiting every step in flight (their late results count as stale frames)."""
+        _drop(list(self.flights))
+        self.flights.clear()
+
     def fail(self, reason: str) -> list[Track]:
-        """The worker is gone: stop the loop and hand back every track (blame goes to the step in flight)."""
+        """The worker is gone: stop the loop and hand back every track (blame goes to the steps in flight,
+        once per sequence however many of them it was in)."""
         self.alive = False
-        flight = self.in_flight
-        if flight is not None:
-            for seq_id in flight.plan.scheduled:
-                if seq_id in self.tracks:
-                    self.tracks[seq_id].failures += 1
-                    self.tracks[seq_id].seq.suspect = True
-            if not flight.future.done():
-                flight.future.set_exception(WorkerFailed(reason))
+        blamed = {seq_id for flight in self.flights for seq_id in flight.plan.scheduled}
+        for seq_id in blamed:
+            if seq_id in self.tracks:
+                self.tracks[seq_id].failures += 1
+                self.tracks[seq_id].seq.suspect = True
+        if self.flights:
+            head = self.flights.popleft()
+            if not head.future.done():
+                head.future.set_exception(WorkerFailed(reason))  # the loop awaits it
+            _drop(list(self.flights))
+            self.flights.clear()
         if self.task is not None and self.task is not asyncio.current_task():
             self.task.cancel()
         tracks = list(self.tracks.values())
@@ -248,34 +275,47 @@ class Replica:
         loop = asyncio.get_running_loop()
         unwoken: set[RequestStream] = set()  # streams holding output their readers were not woken for yet
         woken_at = 0.0
+        flights, scheduler = self.flights, self.scheduler
+        depth = scheduler.config.max_steps_in_flight
         try:
             while self.alive:
-                plan = self.scheduler.schedule()
-                if plan is None:
+                if len(flights) < depth and (plan := scheduler.schedule()) is not None:
+                    now = time.monotonic()
+                    flights.append(InFlight(plan, loop.create_future(), now))
+                    self._scheduled(plan, now)
+                    try:
+                        self.endpoint.send(self.identity, plan.step)
+                    except zmq.ZMQError as exc:
+                        if self.alive:
+                            on_step_error(self, plan, exc)  # the worker is unreachable: it is failed
+                        return
+                    continue  # build the next step while the worker computes this one
+                if not flights:
                     _wake_all(unwoken)
                     self.wake.clear()
                     await self.wake.wait()
                     continue
-                self.in_flight = InFlight(plan, loop.create_future(), time.monotonic())
-                self._scheduled(plan)
+                flight = flights[0]
                 try:
-                    self.endpoint.send(self.identity, plan.step)
-                    result = await self.in_flight.future
-                    updates = self.scheduler.update(plan, result)
-                except (WorkerFailed, zmq.ZMQError, ValueError) as exc:
+                    result = await flight.future
+                    updates = scheduler.update(flight.plan, result)
+                except (WorkerFailed, ValueError) as exc:
                     if not self.alive:
                         return
-                    on_step_error(self, plan, exc)  # the worker lives but its state is unknown: recompute
+                    self.forget_flights()
+                    on_step_error(self, flight.plan, exc)  # the worker lives but its state is unknown: recompute
                     continue
-                finally:
-                    self.in_flight = None
+                flights.popleft()
                 self.steps += 1
                 now = time.monotonic()
+                if flights:  # the worker starts on the next step now (it was queued there already)
+                    flights[0].started = now
                 if (m := self.metrics) is not None:
-                    m.step.observe(now - self.in_flight_started)
-                    m.batch_tokens.observe(plan.num_batched_tokens)
-                    if plan.preempted_seq_ids:
-                        m.preemptions.inc(len(plan.preempted_seq_ids))
+                    done = flight.plan
+                    m.step.observe(now - flight.started)
+                    m.batch_tokens.observe(done.num_batched_tokens)
+                    if done.preempted_seq_ids:
+                        m.preemptions.inc(len(done.preempted_seq_ids))
                 self._emit_all(updates, now, unwoken)
                 if unwoken and now - woken_at >= min(MAX_WAKE_INTERVAL_S, WAKE_INTERVAL_PER_STREAM_S * len(self.tracks)):
                     _wake_all(unwoken)
@@ -283,8 +323,7 @@ class Replica:
         finally:
             _wake_all(unwoken)
 
-    def _scheduled(self, plan: StepPlan) -> None:
-        now = self.in_flight_started = time.monotonic()
+    def _scheduled(self, plan: StepPlan, now: float) -> None:
         for new in plan.step.new_seqs:  # a sequence is first scheduled when it is admitted
             track = self.tracks.get(new.seq_id)
             if track is not None and track.first_scheduled is None:

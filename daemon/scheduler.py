@@ -34,12 +34,22 @@ class SchedulerConfig:
     max_num_seqs: int = 256  # running sequences at most
     max_num_batched_tokens: int = 2048  # tokens computed per step at most (the token budget)
     enable_prefix_caching: bool = True
+    # Schedule and send step N+1 while the worker computes step N (its sampled tokens still unknown here),
+    # so neither side waits for the other's half of the round trip.
+    overlap: bool = True
+
+    @property
+    def max_steps_in_flight(self) -> int:
+        return 2 if self.overlap else 1
 
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if type(value) is not int or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("enable_prefix_caching", "overlap"):
+            if type(getattr(self, name)) is not bool:
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.max_num_seqs > MAX_ITEMS:  # a Step carries at most MAX_ITEMS new sequences
             raise ValueError(f"max_num_seqs must be at most {MAX_ITEMS}")
 
@@ -68,7 +78,10 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[Logprob] = field(default_factory=list)  # one per output token when sampling.logprobs
     status: SequenceStatus = SequenceStatus.WAITING
-    num_computed_tokens: int = 0  # tokens whose KV the worker holds (or computes in the step in flight)
+    num_computed_tokens: int = 0  # tokens whose KV the worker holds (or computes in the steps in flight)
+    # tokens the steps in flight sample, their ids not known here yet (at most one per step in flight):
+    # a later step may compute them already, since the worker knows them by then
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prefix-cache hit at the first admission, for usage reporting
     num_preemptions: int = 0  # preemptions and worker losses so far
     finish_reason: str | None = None  # "stop", "length" or "abort"
@@ -126,9 +139,11 @@ class StepPlan:
     # sample_seqs' ids packed as a StepResult's seq_ids: the usual answer, recognised with one comparison
     packed_sample_ids: bytes = b""
     asks_logprobs: bool = False  # some sampling sequence wants logprobs
-    filled: list[Sequence] = field(default_factory=list)  # sequences whose step fills a KV block
+    # sequences whose step fills a KV block, with the tokens computed once the step is done
+    filled: list[tuple[Sequence, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
-    # a sequence was aborted while this plan was in flight: update() must skip whoever is no longer running
+    # a sequence was aborted or finished while this plan was in flight: update() must skip whoever is no
+    # longer running (a finished sequence's token from a later step is discarded, never counted)
     aborted: bool = False
 
     @property
@@ -160,7 +175,14 @@ class StepOutput:
 class Scheduler:
     """Decides every step of one replica and owns its block tables.
 
-    One plan is in flight at a time: schedule() -> send plan.step -> update(plan, result) -> schedule().
+    Up to config.max_steps_in_flight plans are in flight: schedule() -> send plan.step -> [schedule() ->
+    send] -> update(oldest plan, its result) -> schedule() ... Results are applied in the order the steps
+    were made. With two in flight, the second computes the tokens the first samples (the worker knows
+    them by then): a sampling sequence counts one pending token per step in flight. A sequence that
+    finishes in the first step wastes its token of the second, which update() discards. Length limits
+    are known in advance, so no step runs past them. Nobody is preempted while a step is in flight: a
+    step that might need to is not built until the one in flight is done.
+
     Frees (finished, aborted, preempted sequences) ride on the next plan's free_seq_ids; when nothing
     is left to compute schedule() returns None and they wait for the next plan, which is harmless: the
     worker only keeps their token lists. An id freed and added again goes out freed and new in one
@@ -181,7 +203,7 @@ class Scheduler:
         self._live: dict[int, Sequence] = {}  # waiting + running
         self._on_worker: set[int] = set()  # sequences the worker knows (sent, not yet freed)
         self._pending_frees: list[int] = []
-        self._in_flight: StepPlan | None = None
+        self._in_flight: deque[StepPlan] = deque()  # oldest first
         self._next_step_id = 0
         self._next_arrival = 0
 
@@ -195,6 +217,10 @@ class Scheduler:
         return len(self.waiting)
 
     @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    @property
     def has_work(self) -> bool:
         return bool(self._live)
 
@@ -205,7 +231,7 @@ class Scheduler:
     @property
     def queued_tokens(self) -> int:
         """Tokens still to compute over waiting and running sequences (a load signal for the router)."""
-        return sum(s.num_tokens - s.num_computed_tokens for s in self._live.values())
+        return sum(s.num_tokens + s.num_pending_tokens - s.num_computed_tokens for s in self._live.values())
 
     def prefix_match_tokens(self, token_ids: Seq[int]) -> int:
         return self.blocks.prefix_match_tokens(token_ids)
@@ -225,6 +251,7 @@ class Scheduler:
         if len(seq.output_token_ids) >= seq.max_tokens:
             raise ValueError(f"max_tokens {seq.max_tokens} already reached")
         seq.status, seq.num_computed_tokens, seq.arrival = SequenceStatus.WAITING, 0, self._next_arrival
+        seq.num_pending_tokens = 0  # moved off a dead worker: what its steps in flight sampled is lost
         seq.output_limit = min(seq.max_tokens, self.max_seq_len - len(seq.prompt_token_ids))
         self._next_arrival += 1
         self.waiting.append(seq)
@@ -239,8 +266,6 @@ class Scheduler:
             return None
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            if self._in_flight is not None:
-                self._in_flight.aborted = True
         else:
             self.waiting.remove(seq)
         self._finish(seq, reason)
@@ -249,9 +274,14 @@ class Scheduler:
     def requeue_all(self) -> list[Sequence]:
         """The worker is gone: every running sequence goes back to the front of the waiting queue (in
         arrival order, output kept, to be recomputed), the block manager is reset and the worker is
-        taken to know nothing. Returns every unfinished sequence, in queue order."""
-        self._in_flight = None
-        self._pending_frees.clear()
+        taken to know nothing. Returns every unfinished sequence, in queue order.
+
+        The worker reset itself when the oldest step failed, but went on to the later steps in flight: one
+        made only of new sequences succeeds there, so the next step frees those (freeing an unknown id is
+        harmless)."""
+        later = [new.seq_id for plan in list(self._in_flight)[1:] for new in plan.step.new_seqs]
+        self._in_flight.clear()
+        self._pending_frees = later
         self._on_worker.clear()
         self.blocks.reset()
         for seq in reversed(self.running):
@@ -261,13 +291,16 @@ class Scheduler:
 
     # ------------------------------------------------------------------------------------ schedule
     def schedule(self) -> StepPlan | None:
-        """Build the next step, or None when nothing is left to compute."""
-        if self._in_flight is not None:
-            raise RuntimeError(f"step {self._in_flight.step.step_id} is still in flight")
+        """Build the next step, or None when nothing is left to compute or when the next step must wait
+        for the one in flight (it might have to preempt, or a suspect sequence must run alone)."""
+        if len(self._in_flight) >= self.config.max_steps_in_flight:
+            raise RuntimeError(f"step {self._in_flight[-1].step.step_id} is still in flight")
         plan = StepPlan(Step(step_id=self._next_step_id), [], [], [])  # its step is filled in below
         appended: list[BlockAppend] = []
         budget = self.config.max_num_batched_tokens
         suspect = next(filter(_is_suspect, self.running), None)  # a C-level scan: this runs every step
+        if self._in_flight and not self._may_overlap(suspect):
+            return None
         if suspect is not None:
             budget = self._schedule_running(plan, appended, budget, [suspect])
             new_seqs: list[NewSequence] = []
@@ -294,8 +327,17 @@ class Scheduler:
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget
         self._next_step_id += 1
         self._pending_frees = []
-        self._in_flight = plan
+        self._in_flight.append(plan)
         return plan
+
+    def _may_overlap(self, suspect: Sequence | None) -> bool:
+        """Whether a step may be built while one is in flight: no suspect is involved (it runs alone, so a
+        failure blames it only), and the free blocks cover the worst case of the running sequences' growth
+        (one block each, plus a whole token budget's worth), so nobody needs preempting."""
+        if suspect is not None or (self.waiting and self.waiting[0].suspect):
+            return False
+        worst = len(self.running) + -(-self.config.max_num_batched_tokens // self.block_size)
+        return self.blocks.num_free >= worst
 
     def _schedule_running(self, plan: StepPlan, appended: list[BlockAppend], budget: int,
                           candidates: list[Sequence]) -> int:
@@ -310,6 +352,10 @@ class Scheduler:
         for seq in candidates:
             computed = seq.num_computed_tokens
             total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            if seq.num_pending_tokens:
+                if len(seq.output_token_ids) + seq.num_pending_tokens >= seq.output_limit:
+                    continue  # its last token is being sampled already: it ends with "length"
+                total += seq.num_pending_tokens
             n = total - computed if total - computed < budget else budget
             end = computed + n
             if end > len(tables[seq.seq_id]) * size:  # its blocks run out: the usual case is that they don't
@@ -322,10 +368,11 @@ class Scheduler:
             seq.num_computed_tokens = end
             if end == total:
                 sample.append(seq)
+                seq.num_pending_tokens += 1
                 if seq.sampling.logprobs is not None:
                     plan.asks_logprobs = True
             if computed // size != end // size:
-                filled.append(seq)
+                filled.append((seq, end))
             budget -= n
             if budget <= 0:
                 break
@@ -388,9 +435,10 @@ class Scheduler:
             plan.counts.append(n)
             if end == len(token_ids):
                 plan.sample_seqs.append(seq)
+                seq.num_pending_tokens = 1
                 plan.asks_logprobs = plan.asks_logprobs or seq.sampling.logprobs is not None
             if num_cached // size != end // size:
-                plan.filled.append(seq)
+                plan.filled.append((seq, end))
             budget -= n
         return new_seqs, budget
 
@@ -402,13 +450,14 @@ class Scheduler:
         self._on_worker.add(seq.seq_id)
 
     def _preempt(self, seq: Sequence, preempted: list[int]) -> None:
+        assert not self._in_flight, "preempting while a step is in flight (_may_overlap should prevent it)"
         self.running.remove(seq)
         self._release(seq)
         self._to_waiting(seq)
         preempted.append(seq.seq_id)
 
     def _to_waiting(self, seq: Sequence) -> None:
-        seq.status, seq.num_computed_tokens = SequenceStatus.WAITING, 0
+        seq.status, seq.num_computed_tokens, seq.num_pending_tokens = SequenceStatus.WAITING, 0, 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -423,17 +472,19 @@ class Scheduler:
         seq.status, seq.finish_reason = SequenceStatus.FINISHED, reason
         del self._live[seq.seq_id]
         self._release(seq)
+        for plan in self._in_flight:  # it may be in a later step: that step's token for it is discarded
+            plan.aborted = True
 
     # -------------------------------------------------------------------------------------- update
     def update(self, plan: StepPlan, result: StepResult) -> StepOutput:
-        """Apply the worker's result to the plan in flight: append sampled tokens, cache the blocks
+        """Apply the worker's result to the oldest plan in flight: append sampled tokens, cache the blocks
         that became full, finish sequences that hit a stop condition.
 
         ValueError means the result breaks the contract (wrong step, missing or unasked sequences); the
         plan then stays in flight and the caller should treat the worker as failed (requeue_all).
         """
-        if plan is not self._in_flight or result.step_id != plan.step.step_id:
-            raise ValueError(f"result for step {result.step_id} does not match the plan in flight")
+        if not self._in_flight or plan is not self._in_flight[0] or result.step_id != plan.step.step_id:
+            raise ValueError(f"result for step {result.step_id} does not match the oldest plan in flight")
         running = SequenceStatus.RUNNING  # not running: aborted (or finished) since the plan was made
         logprobs: dict[int, Logprob] = {}
         seqs: Seq[Sequence]
@@ -453,12 +504,13 @@ class Scheduler:
             by_id = self._sampled_tokens(plan, result, live)
             logprobs = self._sampled_logprobs(plan, result, live, scheduled)
             seqs, tokens = [scheduled[sid][0] for sid in live], [by_id[sid] for sid in live]
-        self._in_flight = None
+        self._in_flight.popleft()
         self._commit_blocks(plan)
         num_finished = 0
         for seq, token in zip(seqs, tokens):  # inline: this loop runs for every sequence of every step
             output = seq.output_token_ids
             output.append(token)
+            seq.num_pending_tokens -= 1
             seq.suspect = False  # it computed a step alone without killing anyone
             # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
             if token in seq.stop_token_ids and len(output) > seq.min_tokens:
@@ -507,6 +559,6 @@ class Scheduler:
         """Cache the blocks this step filled (only now is their KV computed)."""
         if not self.config.enable_prefix_caching:
             return
-        for seq in plan.filled:
+        for seq, end in plan.filled:  # not num_computed_tokens: a later step in flight may compute more
             if self._live.get(seq.seq_id) is seq:
-                self.blocks.commit_full_blocks(seq.seq_id, TokenIds(seq), seq.num_computed_tokens)
+                self.blocks.commit_full_blocks(seq.seq_id, TokenIds(seq), end)

@@ -233,7 +233,7 @@ class FakeWorker:
         if _matches(self.crash_steps, step):
             await self.crash()  # the main loop (this task) then ends
             return
-        if _matches(self.hang_steps, step):
+        if self.held or _matches(self.hang_steps, step):  # a hung worker runs nothing after it either
             self.held.append(step)
             return
         if self.delay_s:

@@ -387,7 +387,7 @@ def test_logprobs_are_unpacked_per_token():
 
 
 def test_contract_violations_raise():
-    sched, worker = setup()
+    sched, worker = setup(overlap=False)  # one step in flight at most (test_overlap.py: two)
     sched.add(make_seq(1, [5, 6]))
     plan = sched.schedule()
     with pytest.raises(RuntimeError):

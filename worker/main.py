@@ -120,6 +120,10 @@ class Worker:
             self.welcomed.set()
             log.info("registered with daemon epoch %s as incarnation %d", msg.epoch, msg.incarnation)
         elif isinstance(msg, Step):
+            # One at a time, in arrival order: with overlap the daemon sends the next step while this one
+            # runs (ZeroMQ queues it), and that step computes the tokens this one samples. After a failed
+            # step the executor is empty, so a queued step fails too (or holds only its new sequences,
+            # which the daemon frees in the step after).
             if self.welcomed.is_set() and self.executor is not None:
                 self._execute(msg)
         elif isinstance(msg, Shutdown):
