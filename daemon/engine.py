@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import logging
@@ -273,6 +274,7 @@ class Engine:
         self._welcome(identity, wid, replica.incarnation)
         replica.task = asyncio.get_running_loop().create_task(replica.run(self._on_step_error),
                                                               name=f"replica-{wid}")
+        replica.task.add_done_callback(functools.partial(self._on_loop_done, replica))
         back = None
         if old is not None and old.replica_id is not None:  # the same replica back (a lost lease, a restart)
             back = next((d for d in self.dead if d[2] == old.replica_id), None)
@@ -504,6 +506,17 @@ class Engine:
         if kill and self.on_dead is not None:
             self.on_dead(replica.worker_id, replica.hello.pid, reason)
         self._changed()
+
+    def _on_loop_done(self, replica: Replica, task: asyncio.Task) -> None:
+        """A replica loop that raised (a bug in the daemon) must not strand the requests it holds: say so, then
+        fail the replica as if its worker died, which moves every sequence elsewhere (or fails it with a clear
+        error) and restarts a local worker."""
+        if task.cancelled() or task.exception() is None or not replica.alive:
+            return
+        exc = task.exception()
+        log.error("replica loop of worker %s crashed", replica.worker_id, exc_info=exc)
+        # the steps in flight keep their blame: a request that crashes the loop every time fails alone
+        self._fail_replica(replica, f"replica loop crashed: {type(exc).__name__}: {exc}")
 
     def _on_step_error(self, replica: Replica, plan: StepPlan, exc: BaseException) -> None:
         if isinstance(exc, zmq.ZMQError):
