@@ -368,6 +368,28 @@ inline void value_block(const float* p, int64_t p_stride, const float* v, int64_
     for (int c = 0; c < nv; ++c) storeu(acc + r * d + c * W, a[r][c]);
 }
 
+// One stage's online-softmax update of a prefill row: exponentiates its visible scores in place (zeros up to
+// `width`, where the value product reads), rescales the row's accumulator when this stage raised its maximum, and
+// returns the factor this stage's weights still need (1 unless an earlier stage saw a larger score).
+inline float online_softmax(float* sr, int64_t vis, int64_t width, float& row_max, float& row_sum, float* acc,
+                            int64_t d) {
+  float m;
+  const float total = exp_row(sr, vis, m);
+  std::fill(sr + vis, sr + width, 0.0f);
+  const float new_max = std::max(row_max, m);
+  float f = 1.0f;
+  if (new_max != m) {  // an earlier stage saw a larger score: this stage is scaled down to the running max
+    f = std::exp(m - new_max);
+    row_sum += total * f;
+  } else {
+    const float corr = std::exp(row_max - new_max);  // 0 on the first stage
+    for (int64_t c = 0; c < d; c += W) storeu(acc + c, loadu(acc + c) * corr);
+    row_sum = row_sum * corr + total;
+  }
+  row_max = new_max;
+  return f;
+}
+
 // Prefill: up to QT query tokens of one sequence x the G heads of one kv head, causal (row = token * G + g).
 // Keys are staged KC at a time into float scratch (K transposed in tiles of W, V as rows), shared by every row;
 // then scores for all rows (a small matrix product), one online-softmax update per row per stage, and the
@@ -452,22 +474,9 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
     for (int64_t r = r_begin; r < nrows; ++r) {
       const int64_t vis = visible(r);
       float* sr = s + r * KC;
-      float m;
-      const float total = exp_row(sr, vis, m);
-      // zeros up to the block's width, where value_block reads this row
-      std::fill(sr + vis, sr + tiles * W, 0.0f);
-      const float new_max = std::max(S.max[r], m);
-      if (new_max != m) {  // an earlier stage saw a larger score: scale this stage down to the running max
-        const float f = std::exp(m - new_max);
+      const float f = online_softmax(sr, vis, tiles * W, S.max[r], S.sum[r], S.acc.data() + r * d, d);
+      if (f != 1.0f)
         for (int64_t j = 0; j < vis; ++j) sr[j] *= f;
-        S.sum[r] += total * f;
-      } else {
-        const float corr = std::exp(S.max[r] - new_max);  // 0 on the first stage
-        float* a = S.acc.data() + r * d;
-        for (int c = 0; c < nv; ++c) storeu(a + c * W, loadu(a + c * W) * corr);
-        S.sum[r] = S.sum[r] * corr + total;
-      }
-      S.max[r] = new_max;
     }
     for (int64_t r0 = r_begin; r0 < nrows;) {
       const int64_t nr = std::min<int64_t>(RV, nrows - r0);
@@ -610,23 +619,8 @@ void prefill_dp(const Problem& P, const Item& it, Scratch& S) {
       r0 += nr;
     }
     for (int64_t r = r_begin; r < nrows; ++r) {
-      const int64_t vis = visible(r);
       float* sr = s + r * KC;
-      float m;
-      const float total = exp_row(sr, vis, m);
-      std::fill(sr + vis, sr + tiles * W, 0.0f);
-      const float new_max = std::max(S.max[r], m);
-      float f = 1.0f;
-      if (new_max != m) {
-        f = std::exp(m - new_max);
-        S.sum[r] += total * f;
-      } else {
-        const float corr = std::exp(S.max[r] - new_max);
-        float* a = S.acc.data() + r * d;
-        for (int64_t c = 0; c < d; c += W) storeu(a + c, loadu(a + c) * corr);
-        S.sum[r] = S.sum[r] * corr + total;
-      }
-      S.max[r] = new_max;
+      const float f = online_softmax(sr, visible(r), tiles * W, S.max[r], S.sum[r], S.acc.data() + r * d, d);
       for (int64_t j = 0; j < tiles * W; j += W)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(hp + r * KC + j),
                             reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + j) * f)));
