@@ -5,6 +5,7 @@ CLI, and a daemon restart in the middle of a rollout (resumed from its SQLite st
 from __future__ import annotations
 
 import collections
+import json
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,15 @@ def nimbus(server: NimbusServer, *args: str) -> subprocess.CompletedProcess:
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
 
 
+def stream_completed(text: str) -> bool:
+    """An SSE body that ends with [DONE] and holds no error event (a stream that fails after its headers sends an
+    event with a top-level "error" key). Parsed, not searched: a generated token may well read "error"."""
+    events = [line.removeprefix("data: ") for line in text.splitlines() if line.startswith("data: ")]
+    if not events or events[-1] != "[DONE]":
+        return False
+    return not any("error" in json.loads(e) for e in events[:-1])
+
+
 class Load:
     """Steady traffic from a few client threads; every response's status and x-nimbus-version kept."""
 
@@ -73,11 +83,9 @@ class Load:
                         "ignore_eos": True, "stream": n % 2 == 0}
                 try:
                     r = http.post(self.url + "/v1/completions", json=body, headers=self.headers)
-                    # a stream that fails after its headers ends with an error event before [DONE]
-                    ok = r.status_code == 200 and (not body["stream"] or ("[DONE]" in r.text
-                                                                          and '"error"' not in r.text))
+                    ok = r.status_code == 200 and (not body["stream"] or stream_completed(r.text))
                     self.results.append((time.monotonic(), r.status_code if ok else 599,
-                                         r.headers.get("x-nimbus-version", ""), "" if ok else r.text[:300]))
+                                         r.headers.get("x-nimbus-version", ""), "" if ok else r.text[-600:]))
                 except httpx.HTTPError as exc:
                     self.results.append((time.monotonic(), 0, "", repr(exc)))
 
