@@ -56,6 +56,8 @@ def cpu_flags() -> str:
 
 def build_key(source: Path = SOURCE) -> str:
     h = hashlib.sha256(source.read_bytes())
+    for header in sorted(source.parent.glob("*.h")):  # the sources include these
+        h.update(header.read_bytes())
     for part in (*CFLAGS, *LDFLAGS, torch.__version__, str(torch.compiled_with_cxx11_abi()), platform.machine(),
                  cpu_flags(), os.environ.get("CXX", "c++")):
         h.update(b"\0" + part.encode())

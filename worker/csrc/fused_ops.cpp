@@ -25,21 +25,16 @@
 
 namespace {
 
-// GCC/Clang vector extensions, as in paged_attention.cpp: 16 floats per vector, mapped onto whatever the
-// CPU has without intrinsics.
+#include "vec.h"
+
 constexpr int64_t W = 16;
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
 typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
 
 // Elements per parallel chunk: below this, handing out a task (and waiting at its barrier, long when another
 // process holds a core) costs more than running it. The memory-bound ops (norms, rotary) run a decode step's
 // 64 x 576 inline; silu, about ten times the arithmetic per element, splits it.
 constexpr int64_t GRAIN_MEMORY_BOUND = 65536;
 constexpr int64_t GRAIN_SILU = 8192;
-
-inline vf splat(float x) { return vf{} + x; }
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
@@ -80,31 +75,6 @@ inline void store_n(T* p, vf v, int64_t n) {
   T buf[W];
   store(buf, v);
   std::memcpy(p, buf, n * sizeof(T));
-}
-
-inline float hsum(vf v) {
-  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
-// exp over the whole float range, lane-wise: the Cephes single-precision polynomial of paged_attention.cpp
-// (relative error ~1e-7). Inputs are clamped to [-87, 89]: ~1e-38 below, +inf from about 88.4 up (2^128),
-// so silu of a very negative gate is 0, as in torch.
-inline vf vexp(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  x = x > 89.0f ? splat(89.0f) : x;
-  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * std::bit_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
 // Calls f(i, n) for the row's vectors: n = W except for a shorter last one.

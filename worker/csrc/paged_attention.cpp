@@ -43,18 +43,14 @@
 
 namespace {
 
-// GCC/Clang vector extensions: explicit 16-float vectors the compiler maps onto whatever the CPU has
-// (one AVX-512 register, two AVX2 ones, four NEON ones) without intrinsics, so the build stays portable.
+#include "vec.h"
+
 constexpr int W = 16;   // floats per vector, and keys per tile
 constexpr int MAX_NV = 16;  // head_dim up to 256
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 const vi IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
-inline vf splat(float x) { return vf{} + x; }
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf load16(const float* p) { return loadu(p); }
@@ -74,13 +70,6 @@ inline void store_row(c10::BFloat16* dst, const float* src, int64_t d) {
   for (int64_t i = 0; i < d; ++i) dst[i] = c10::BFloat16(src[i]);
 }
 
-inline float hsum(vf v) {
-  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-           __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  auto b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (b[0] + b[2]) + (b[1] + b[3]);
-}
-
 inline float hmax(vf v) {
   auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   auto b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -88,22 +77,6 @@ inline float hmax(vf v) {
   auto c = __builtin_shufflevector(a, a, 0, 1, 2, 3), e = __builtin_shufflevector(a, a, 4, 5, 6, 7);
   c = c > e ? c : e;
   return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
-}
-
-// exp for x <= 0, lane-wise (Cephes single-precision polynomial after reduction by ln 2; relative error
-// ~1e-7). Below -87 it returns ~1e-38 rather than 0: callers zero masked lanes themselves.
-inline vf vexp(vf x) {
-  x = x < -87.0f ? splat(-87.0f) : x;
-  const vf n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
-  const vf r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
-  vf p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  return p * std::bit_cast<vf>((__builtin_convertvector(n, vi) + 127) << 23);
 }
 
 struct Problem {
