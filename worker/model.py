@@ -273,7 +273,7 @@ class CausalLM(nn.Module):
         return self.head_proj(hidden).float()
 
     def pack_weights(self) -> bool:
-        """Packs every projection and the LM head for oneDNN where that pays (CPU, bfloat16: worker/linear.py) and
+        """Packs every projection and the LM head for oneDNN where that pays (CPU, float32 or bfloat16: worker/linear.py) and
         frees the plain copies of the projections; True if it did. Call once, after the weights are loaded.
 
         A tied LM head keeps its plain matrix too, as the embedding table: packing it costs one more copy of the
