@@ -162,7 +162,7 @@ class PagedCpuAttention:
 
     @classmethod
     def supports(cls, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
-        # the kernel works in vectors of 16 floats and keeps a head's row in at most 16 of them
+        # the kernel keeps a head's row in whole vectors (16 floats on AVX-512, 8 elsewhere), at most 256 floats
         return device.type == "cpu" and dtype in cls.DTYPES and head_dim % 16 == 0 and head_dim <= 256
 
     def __init__(self) -> None:

@@ -27,8 +27,7 @@ namespace {
 
 #include "vec.h"
 
-constexpr int64_t W = 16;
-typedef uint32_t vu __attribute__((vector_size(64)));
+constexpr int64_t W = VW;
 
 // Elements per parallel chunk: below this, handing out a task (and waiting at its barrier, long when another
 // process holds a core) costs more than running it. The memory-bound ops (norms, rotary) run a decode step's

@@ -45,16 +45,16 @@ namespace {
 
 #include "vec.h"
 
-constexpr int W = 16;   // floats per vector, and keys per tile
-constexpr int MAX_NV = 16;  // head_dim up to 256
+constexpr int W = VW;   // floats per vector (vec.h: 16 on AVX-512, else 8), and keys per tile
+constexpr int MAX_NV = 256 / W;  // head_dim up to 256
 
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
-const vi IOTA = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+const vi IOTA = iota();
 
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-inline vf load16(const float* p) { return loadu(p); }
-inline vf load16(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
+inline vf loadv(const float* p) { return loadu(p); }
+inline vf loadv(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
 #ifdef __AVX512F__
   // one widening load; the generic form below compiles to two half-width ones and a lane insert
   const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -71,11 +71,14 @@ inline void store_row(c10::BFloat16* dst, const float* src, int64_t d) {
 }
 
 inline float hmax(vf v) {
-  auto a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  auto b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto a = NIMBUS_LO(v), b = NIMBUS_HI(v);
   a = a > b ? a : b;
+#if NIMBUS_VW == 16
   auto c = __builtin_shufflevector(a, a, 0, 1, 2, 3), e = __builtin_shufflevector(a, a, 4, 5, 6, 7);
   c = c > e ? c : e;
+#else
+  auto c = a;
+#endif
   return std::max(std::max(c[0], c[1]), std::max(c[2], c[3]));
 }
 
@@ -128,9 +131,10 @@ inline void prefetch_rows(const T* base, const int64_t* rows, int64_t n, int64_t
   }
 }
 
-// lane j of the result = the sum of the lanes of d[j]: sixteen dot products finished with 30 shuffles
-// instead of sixteen horizontal sums.
-inline vf reduce16(const vf* d) {
+// lane j of the result = the sum of the lanes of d[j]: W dot products finished with 2(W - 1) shuffles
+// instead of W horizontal sums.
+#if NIMBUS_VW == 16
+inline vf reduce_lanes(const vf* d) {
   vf a[8], b[4], c[2];
   for (int i = 0; i < 8; ++i)  // a[i]: lanes 0-7 partials of d[2i], 8-15 of d[2i+1]
     a[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -145,6 +149,19 @@ inline vf reduce16(const vf* d) {
   return __builtin_shufflevector(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          __builtin_shufflevector(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
 }
+#else
+inline vf reduce_lanes(const vf* d) {
+  vf a[4], b[2];
+  for (int i = 0; i < 4; ++i)  // a[i]: lanes 0-3 partials of d[2i], 4-7 of d[2i+1]
+    a[i] = __builtin_shufflevector(d[2 * i], d[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(d[2 * i], d[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)  // b[i]: lanes 2k, 2k+1 partials of d[4i+k]
+    b[i] = __builtin_shufflevector(a[2 * i], a[2 * i + 1], 0, 1, 4, 5, 8, 9, 12, 13) +
+           __builtin_shufflevector(a[2 * i], a[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15);
+  return __builtin_shufflevector(b[0], b[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         __builtin_shufflevector(b[0], b[1], 1, 3, 5, 7, 9, 11, 13, 15);
+}
+#endif
 
 // Softmax of one row's scores s[0, n) in place, padded with zeros to the next multiple of W; returns the sum of
 // the exponentials (s is left unnormalised: the caller divides once at the end).
@@ -189,7 +206,7 @@ inline void decode_scores(const T* kc, const int64_t* rows, int64_t n, int64_t h
   for (int64_t j = 0; j < n; ++j) {
     vf k[NV];
     if (j < n_ahead) prefetch_row(kc + rows[j + AHEAD] + hoff, nv);
-    for (int c = 0; c < nv; ++c) k[c] = load16(kc + rows[j] + hoff + c * W);
+    for (int c = 0; c < nv; ++c) k[c] = loadv(kc + rows[j] + hoff + c * W);
     for (int r = 0; r < R; ++r) {
       vf d = qr[r][0] * k[0];
       for (int c = 1; c < nv; ++c) d += qr[r][c] * k[c];
@@ -198,7 +215,7 @@ inline void decode_scores(const T* kc, const int64_t* rows, int64_t n, int64_t h
   }
   for (int64_t j = n; j < W; ++j)
     for (int r = 0; r < R; ++r) dots[r][j] = vf{};
-  for (int r = 0; r < R; ++r) storeu(s + r * s_stride, reduce16(dots[r]));
+  for (int r = 0; r < R; ++r) storeu(s + r * s_stride, reduce_lanes(dots[r]));
 }
 
 template <typename T, int NV, int R>
@@ -210,7 +227,7 @@ inline void decode_values(const T* vc, const int64_t* rows, int64_t n, int64_t h
   for (int64_t j = 0; j < n; ++j) {
     vf v[NV];
     if (j < n_ahead) prefetch_row(vc + rows[j + AHEAD] + hoff, nv);
-    for (int c = 0; c < nv; ++c) v[c] = load16(vc + rows[j] + hoff + c * W);
+    for (int c = 0; c < nv; ++c) v[c] = loadv(vc + rows[j] + hoff + c * W);
     for (int r = 0; r < R; ++r) {
       const float pr = p[r * p_stride + j];
       for (int c = 0; c < nv; ++c) a[r][c] += pr * v[c];
@@ -220,10 +237,13 @@ inline void decode_values(const T* vc, const int64_t* rows, int64_t n, int64_t h
     for (int c = 0; c < nv; ++c) storeu(acc + (r * nv + c) * W, a[r][c]);
 }
 
-// rows per register block in the decode loops: q (or acc) rows of NV vectors plus one K/V row must fit the
-// 32 vector registers of AVX-512 (or spill a little on AVX2, where a 16-float vector is two registers)
+// rows per register block in the decode loops: q (or acc) rows of NV vectors plus one K/V row fit the vector
+// registers (32 on AVX-512, 16 on AVX2)
 template <int NV>
-constexpr int decode_rows_per_block() { return NV <= 4 ? 4 : NV <= 8 ? 2 : 1; }
+constexpr int decode_rows_per_block() {
+  if constexpr (VREGS == 32) return NV <= 4 ? 4 : NV <= 8 ? 2 : 1;
+  else return NV <= 2 ? 4 : NV <= 4 ? 2 : 1;
+}
 
 // Calls f.operator()<R>() with the largest R <= min(RMAX, n) from {8, 6, 4, 3, 2, 1}; returns R.
 template <int RMAX, typename F>
@@ -259,7 +279,7 @@ void decode(const Problem& P, const Item& it, Scratch& S) {
   const T* q = static_cast<const T*>(P.q) + row * P.q_token_stride;
   for (int64_t i = 0; i < heads; ++i)
     for (int c = 0; c < nv; ++c)
-      storeu(S.q.data() + i * d + c * W, load16(q + (h0 * G + i) * P.q_head_stride + c * W) * P.scale);
+      storeu(S.q.data() + i * d + c * W, loadv(q + (h0 * G + i) * P.q_head_stride + c * W) * P.scale);
   std::fill_n(S.acc.data(), heads * d, 0.0f);
   const T* kc = static_cast<const T*>(P.key_cache);
   const T* vc = static_cast<const T*>(P.value_cache);
@@ -371,8 +391,10 @@ template <typename T, int NVC>
 void prefill(const Problem& P, const Item& it, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   constexpr int NV = NVC ? NVC : MAX_NV;
-  // rows per block of the value product: R x NV accumulators plus one V row in 32 vector registers
-  constexpr int RV = NVC == 0 ? 1 : NVC <= 2 ? 8 : NVC <= 4 ? 6 : NVC <= 8 ? 2 : 1;
+  // rows per block of the value product: R x NV accumulators plus one V row in the vector registers
+  constexpr int RV = NVC == 0 ? 1
+                     : VREGS == 32 ? (NVC <= 2 ? 8 : NVC <= 4 ? 6 : NVC <= 8 ? 2 : 1)
+                                   : (NVC <= 2 ? 6 : NVC <= 4 ? 3 : 1);
   const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
   const int64_t first_row = P.query_start[it.seq] + it.q_begin;
   const int64_t q_len = P.query_start[it.seq + 1] - P.query_start[it.seq];
@@ -391,7 +413,7 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t g = 0; g < G; ++g) {
       const T* src = q + (first_row + t) * P.q_token_stride + (head0 + g) * P.q_head_stride;
-      for (int c = 0; c < nv; ++c) storeu(S.q.data() + (t * G + g) * d + c * W, load16(src + c * W) * P.scale);
+      for (int c = 0; c < nv; ++c) storeu(S.q.data() + (t * G + g) * d + c * W, loadv(src + c * W) * P.scale);
     }
   std::fill_n(S.acc.data(), nrows * d, 0.0f);
   std::fill_n(S.max.data(), nrows, NEG_INF);
@@ -416,9 +438,9 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
         const T* vrow = vc + rows[j] + kv_head * d;
         for (int c = 0; c < nv; ++c) {
           alignas(64) float k[W];
-          storeu(k, load16(krow + c * W));
+          storeu(k, loadv(krow + c * W));
           for (int i = 0; i < W; ++i) ktile[(c * W + i) * W + lane] = k[i];
-          storeu(v + j * d + c * W, load16(vrow + c * W));
+          storeu(v + j * d + c * W, loadv(vrow + c * W));
         }
       } else {
         for (int64_t i = 0; i < d; ++i) ktile[i * W + lane] = 0.0f;
@@ -631,9 +653,9 @@ void attend(const Problem& P, const Item& it, Scratch& S) {
 template <typename T>
 void attend_dispatch(const Problem& P, const Item& it, Scratch& S) {
   switch (P.head_dim) {  // compile-time sizes for the common heads keep rows in registers
-    case 32: return attend<T, 2>(P, it, S);
-    case 64: return attend<T, 4>(P, it, S);
-    case 128: return attend<T, 8>(P, it, S);
+    case 32: return attend<T, 32 / W>(P, it, S);
+    case 64: return attend<T, 64 / W>(P, it, S);
+    case 128: return attend<T, 128 / W>(P, it, S);
     default: return attend<T, 0>(P, it, S);
   }
 }
@@ -696,7 +718,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
   const auto dtype = kv_cache.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only, got ", dtype);
   const int64_t kv_heads = kv_cache.size(3), d = kv_cache.size(4);
-  TORCH_CHECK(d % W == 0 && d <= MAX_NV * W, "head_dim must be a multiple of 16 up to 256, got ", d);
+  TORCH_CHECK(d % 16 == 0 && d <= MAX_NV * W, "head_dim must be a multiple of 16 up to 256, got ", d);
   check_rows(q, "q", dtype);
   check_rows(k, "k", dtype);
   check_rows(v, "v", dtype);
