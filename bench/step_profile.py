@@ -53,7 +53,7 @@ def main() -> int:
     blocks_per_seq = -(-max(args.context + 1, PROMPT) // BLOCK)
     runner = ModelRunner(folder, dtype=args.dtype, block_size=BLOCK)  # the default 2 GiB pool holds the batch
     assert runner.num_blocks >= BATCH * blocks_per_seq, "context too long for the default KV pool"
-    print(f"{folder.name} {runner.dtype}, {args.threads} threads, weights packed: {runner.packed_weights}, "
+    print(f"{folder.name} {runner.dtype}, {args.threads} threads, weights: {runner.model.weight_layouts()}, "
           f"attention: {type(runner.attention).__name__}, elementwise: {type(runner.model.ops).__name__}")
     tables = [list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(BATCH)]
     prompt = [100 + j % 500 for j in range(PROMPT)]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.linear import Linear, should_pack
+from worker.linear import PANEL_ROWS, Linear, should_pack, should_use_panels
 
 # oneDNN packs bfloat16 only on CPUs with AVX-512 (or AVX-NE-CONVERT); float32 on any x86-64 with AVX2
 DTYPES = [
@@ -14,13 +14,15 @@ DTYPES = [
                                                  reason=f"no oneDNN packed {dtype} linear on this CPU or torch build"))
     for dtype in (torch.bfloat16, torch.float32)
 ]
+needs_panels = pytest.mark.skipif(not should_use_panels(torch.device("cpu"), torch.float32),
+                                  reason="the float32 panel kernel runs on CPUs without AVX-512 where it builds")
 
 
 def assert_matches_f_linear(got: torch.Tensor, want: torch.Tensor) -> None:
     if got.dtype == torch.bfloat16:  # F.linear is oneDNN too: the same sums in the same order
         assert torch.equal(got, want)
-    else:  # F.linear is MKL, which sums in another order
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:  # F.linear is MKL, which sums in another order: a few float32 roundings of sums of up to ~600 terms of ~1
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -45,9 +47,55 @@ def test_strided_input(dtype):
     assert_matches_f_linear(Linear(w, None, pack=True)(x), F.linear(x, w))
 
 
+@needs_panels
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 64, PANEL_ROWS + 44])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("shape", [(100, 70), (48, 600)], ids=["partial-panel", "two-depth-passes"])
+def test_panels_equal_f_linear(rows, bias, shape):
+    # widths that do not fill the last panel, depths beyond one pass of the kernel, row counts around its blocks
+    n, k = shape
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
+    x = torch.randn(rows, k, generator=g)
+    lin = Linear(w, b, pack=False, panels=True)
+    assert lin.panels is not None and lin.panels.shape[1:] == (k, lin.panels.shape[2])
+    assert_matches_f_linear(lin(x), F.linear(x, w, b))
+    assert_matches_f_linear(lin(x[:, ::1][::2]), F.linear(x[::2], w, b))  # rows apart in memory
+
+
+@needs_panels
+def test_panels_beside_onednn_split_by_rows(monkeypatch):
+    w, b = torch.randn(72, 64), torch.randn(72)
+    lin = Linear(w, b, pack=True, panels=True)
+    calls = []
+    monkeypatch.setattr(lin, "_panel_op", lambda *a: calls.append(a[1].shape[0]))
+    small, large = torch.randn(PANEL_ROWS, 64), torch.randn(PANEL_ROWS + 1, 64)
+    lin(small)
+    assert calls == [PANEL_ROWS]  # decode-sized steps go to the panel kernel
+    assert_matches_f_linear(lin(large), F.linear(large, w, b))
+    assert calls == [PANEL_ROWS]  # prefill-sized ones to oneDNN
+
+
+@needs_panels
+def test_panel_kernel_rejects_mismatched_shapes():
+    from worker import kernels
+
+    ops = kernels.linear_ops()
+    panels = ops.pack_linear(torch.randn(30, 16))
+    out = torch.empty(4, 30)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.linear(out, torch.randn(4, 17), panels, 30, None)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.linear(torch.empty(4, 60), torch.randn(4, 16), panels, 60, None)
+    with pytest.raises(RuntimeError, match="float32"):
+        ops.pack_linear(torch.randn(30, 16).to(torch.bfloat16))
+
+
 def test_where_packing_applies():
     assert not should_pack(torch.device("cpu"), torch.float16)
     assert not should_pack(torch.device("cuda"), torch.bfloat16)
+    assert not should_use_panels(torch.device("cpu"), torch.bfloat16)
+    assert not should_use_panels(torch.device("cuda"), torch.float32)
     w = torch.randn(8, 4)
     plain = Linear(w, None, pack=False)
     assert plain.weight is w
@@ -66,12 +114,27 @@ def test_packed_model_gives_the_same_logits(variant, dtype, tmp_path, monkeypatc
     make_tiny_checkpoint(variant, tmp_path)
     packed = ModelRunner(tmp_path, dtype=dtype, kv_cache_bytes=1 << 22)
     monkeypatch.setattr(model_module, "should_pack", lambda device, dtype: False)
+    monkeypatch.setattr(model_module, "should_use_panels", lambda device, dtype: False)
     plain = ModelRunner(tmp_path, dtype=dtype, kv_cache_bytes=1 << 22)
     assert packed.packed_weights and not plain.packed_weights
     layer = packed.model.layers[0]
     assert layer.qkv_weight.numel() == 0 and layer.qkv_proj.weight.is_mkldnn  # the plain copy is freed
-    head = packed.model.embed.numel() * packed.model.embed.element_size()
-    assert packed.weight_bytes == plain.weight_bytes + (head if packed.model.lm_head is None else 0)
+    assert plain.model.weight_layouts() == "plain"
+    panels = should_use_panels(torch.device("cpu"), dtype)
+    assert packed.model.weight_layouts() == ("oneDNN + panels" if panels else "oneDNN")
+    # each layout holds one copy of every matrix (panels pad the last one to a whole panel), plus the tied table
+    lins = [getattr(lyr, f"{n}_proj") for lyr in packed.model.layers for n in model_module.PROJECTIONS]
+    elem = packed.model.embed.element_size()
+    copies = 0
+    for lin in [*lins, packed.model.head_proj]:
+        n, k = lin.out_features, lin.panels.shape[1] if panels else 0
+        copies += lin.weight.numel() * elem + (-(-n // lin.panels.shape[2]) * lin.panels.shape[2] * k * elem if panels else 0)
+    table = packed.model.embed.numel() * elem
+    norms = plain.weight_bytes - sum(p.numel() * elem for lyr in plain.model.layers for n in model_module.PROJECTIONS
+                                     for p in [getattr(lyr, f"{n}_weight")]) - table
+    if plain.model.lm_head is not None:
+        norms -= plain.model.lm_head.numel() * elem
+    assert packed.weight_bytes == norms + table + copies
 
     prompts = [[5, 9, 33, 2, 71, 8, 8, 100], [17, 3, 150, 42]]
     tables = [[0, 1], [2, 3]]

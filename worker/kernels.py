@@ -1,5 +1,5 @@
-"""Builds and loads the worker's C++ CPU kernels (worker/csrc: paged attention, fused elementwise ops) at first
-use, one library per source file, cached on disk.
+"""Builds and loads the worker's C++ CPU kernels (worker/csrc: paged attention, fused elementwise ops, float32
+linear) at first use, one library per source file, cached on disk.
 
 The build is tuned for the CPU it runs on (-march=native), so the cache key holds the source, the flags,
 the torch version and this CPU's feature flags: a cache copied to another machine is rebuilt, not reused.
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 FUSED_SOURCE = Path(__file__).parent / "csrc" / "fused_ops.cpp"
+LINEAR_SOURCE = Path(__file__).parent / "csrc" / "linear.cpp"
 # -fopenmp: at::parallel_for is a header template that runs serially unless the extension itself is built with
 # OpenMP; the libgomp it links is the one torch has loaded already (same soname), so there is one thread pool
 CFLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
@@ -128,11 +129,18 @@ def fused_ops() -> Any:
     return torch.ops.nimbus
 
 
+@functools.cache
+def linear_ops() -> Any:
+    """torch.ops.nimbus, once worker/csrc/linear.cpp is built and loaded: pack_linear and linear (see that file)."""
+    _load(LINEAR_SOURCE, "pack_linear")
+    return torch.ops.nimbus
+
+
 def main() -> int:
     """Builds every kernel library; exits 1 if one could not be built (workers then use the torch paths)."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     failed = 0
-    for source in (SOURCE, FUSED_SOURCE):
+    for source in (SOURCE, FUSED_SOURCE, LINEAR_SOURCE):
         t0 = time.perf_counter()
         try:
             lib = build(source)

@@ -1,15 +1,17 @@
-"""Linear layers whose weights are packed once, at load, into the layout oneDNN's CPU matmul computes from.
+"""Linear layers whose weights are repacked once, at load, into the layouts the CPU matmul kernels compute from.
 
-A plain `F.linear` in bfloat16 on CPU goes through oneDNN too, but converts the weight into its blocked layout
-inside every call; at decode sizes (tens of rows against a 576 x 3072 weight) that conversion costs about as
-much as the multiply. Packing is what torch.compile's CPU backend does with frozen weights; here it is done by hand
-with the same torch ops (`mkldnn._reorder_linear_weight`, `mkldnn._linear_pointwise`), so no compiler is needed.
-Results equal `F.linear`'s bit for bit in bfloat16 (tests/test_linear.py checks that).
+- oneDNN (`mkldnn._reorder_linear_weight` / `_linear_pointwise`, what torch.compile's CPU backend does with frozen
+  weights): a plain `F.linear` in bfloat16 goes through oneDNN too but converts the weight inside every call, which
+  at decode sizes costs about as much as the multiply. Results equal `F.linear`'s bit for bit in bfloat16. float32
+  is packed too: there `F.linear` runs on MKL, which on the AVX2 EPYC these machines have reaches 44-88 GFLOP/s at
+  64 rows where oneDNN reaches 110-125.
+- Nimbus's own float32 kernel (worker/csrc/linear.cpp: column panels, register-blocked) for steps of at most
+  PANEL_ROWS rows, on CPUs without AVX-512 (where it was measured): a batch-64 decode step of the default model
+  20% faster than on oneDNN alone, batch 8 45% faster; prefill blocks stay on oneDNN, which is as fast or faster
+  there. The weights are then held twice, once per layout (`weight_bytes` counts both).
 
-float32 is packed too: there `F.linear` runs on MKL, which on the AVX2 EPYC these machines have reaches 44-88
-GFLOP/s at decode sizes (64 rows) where oneDNN's packed kernels reach 110-125 (docs/benchmarks.md). oneDNN sums in
-another order than MKL, so float32 outputs differ from `F.linear`'s in the last bits (within 1e-5 relative);
-greedy output still equals transformers' (tests/test_smollm2.py, tests/test_server.py).
+float32 results differ from `F.linear`'s in the last bits (other summation orders; within 1e-5 relative); greedy
+output still equals transformers' (tests/test_smollm2.py, tests/test_server.py).
 """
 
 from __future__ import annotations
@@ -20,35 +22,67 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from worker import kernels
+
 log = logging.getLogger(__name__)
 
 # the row count oneDNN picks its packed layout for: a decode batch; prefill steps of thousands of rows run at the
 # same rate from it (measured in docs/benchmarks.md)
 BATCH_HINT = 64
+# steps of at most this many rows use the panel kernel where there is one (decode and small mixed steps); larger
+# ones oneDNN, which reaches the same or a higher rate on thousands of rows
+PANEL_ROWS = 256
 
 
 class Linear:
-    """y = x W^T + b for one weight, packed for oneDNN when `packed`, else through F.linear."""
+    """y = x W^T + b for one weight: packed for oneDNN when `pack`, with panels for the Nimbus kernel when `panels`,
+    else through F.linear."""
 
-    __slots__ = ("weight", "bias", "packed")
+    __slots__ = ("weight", "bias", "packed", "panels", "out_features", "_panel_op")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack: bool, panels: bool = False) -> None:
         self.bias = bias
         self.packed = pack
+        self.out_features = weight.shape[0]
+        self.panels: torch.Tensor | None = None
+        if panels:
+            ops = kernels.linear_ops()
+            self.panels, self._panel_op = ops.pack_linear(weight), ops.linear
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, BATCH_HINT) if pack else weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.panels is not None and (x.shape[0] <= PANEL_ROWS or not self.packed):
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            out = x.new_empty(x.shape[0], self.out_features)
+            self._panel_op(out, x, self.panels, self.out_features, self.bias)
+            return out
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def extra_bytes(self) -> int:
+        """Bytes of the packed copies this layer holds (the plain weight is counted as a parameter)."""
+        total = self.weight.numel() * self.weight.element_size() if self.packed else 0
+        if self.panels is not None:
+            total += self.panels.numel() * self.panels.element_size()
+        return total
 
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def should_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether weights for this device and dtype get packed: CPU, float32 or bfloat16, and the ops work here."""
+    """Whether weights for this device and dtype get packed for oneDNN: CPU, float32 or bfloat16, and the ops work
+    here."""
     return device.type == "cpu" and dtype in PACKED_DTYPES and _packing_works(dtype)
+
+
+def should_use_panels(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether weights also get panels for the Nimbus float32 kernel: CPU, float32, no AVX-512 (the kernel is measured
+    and tuned on AVX2 only), and it builds here."""
+    return (device.type == "cpu" and dtype == torch.float32 and "avx512f" not in kernels.cpu_flags().split()
+            and _panels_work())
 
 
 @functools.cache
@@ -67,4 +101,19 @@ def _packing_works(dtype: torch.dtype) -> bool:
         return False
     if not ok:
         log.warning("packed %s linear weights disagree with F.linear here; using F.linear", dtype)
+    return ok
+
+
+@functools.cache
+def _panels_work() -> bool:
+    """The panel kernel builds, loads and agrees with F.linear; asked once per process, so a warning shows once."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        w, b, x = torch.randn(50, 40, generator=g), torch.randn(50, generator=g), torch.randn(5, 40, generator=g)
+        ok = torch.allclose(Linear(w, b, pack=False, panels=True)(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    except Exception as e:  # a missing compiler or ninja must not stop the worker: oneDNN and F.linear still work
+        log.warning("float32 panel kernel unavailable (%s); using oneDNN", e)
+        return False
+    if not ok:
+        log.warning("float32 panel kernel disagrees with F.linear here; using oneDNN")
     return ok

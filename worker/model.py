@@ -18,7 +18,7 @@ from torch import nn
 from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.config import ModelConfig, RopeConfig
-from worker.linear import Linear, should_pack
+from worker.linear import Linear, should_pack, should_use_panels
 
 log = logging.getLogger(__name__)
 
@@ -273,29 +273,37 @@ class CausalLM(nn.Module):
         return self.head_proj(hidden).float()
 
     def pack_weights(self) -> bool:
-        """Packs every projection and the LM head for oneDNN where that pays (CPU, float32 or bfloat16: worker/linear.py) and
-        frees the plain copies of the projections; True if it did. Call once, after the weights are loaded.
+        """Repacks every projection and the LM head for the CPU kernels where that pays (worker/linear.py: oneDNN in
+        float32 and bfloat16, plus the panel kernel in float32 on AVX2) and frees the plain copies of the
+        projections; True if it did. Call once, after the weights are loaded.
 
         A tied LM head keeps its plain matrix too, as the embedding table: packing it costs one more copy of the
-        vocabulary matrix (counted by weight_bytes) and buys the largest multiply of a decode step its speed."""
-        if not should_pack(self.embed.device, self.embed.dtype):
+        vocabulary matrix per layout (counted by weight_bytes) and buys the largest multiply of a decode step its
+        speed."""
+        device, dtype = self.embed.device, self.embed.dtype
+        pack, panels = should_pack(device, dtype), should_use_panels(device, dtype)
+        if not (pack or panels):
             return False
         for layer in self.layers:
             for name in PROJECTIONS:
                 weight, bias = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_bias")
-                setattr(layer, f"{name}_proj", Linear(weight.detach(), None if bias is None else bias.detach(), True))
-                weight.data = weight.data.new_empty(0)  # the packed copy replaces it
+                setattr(layer, f"{name}_proj",
+                        Linear(weight.detach(), None if bias is None else bias.detach(), pack, panels))
+                weight.data = weight.data.new_empty(0)  # the packed copies replace it
         head = self.embed if self.lm_head is None else self.lm_head
-        self.head_proj = Linear(head.detach(), None, True)
+        self.head_proj = Linear(head.detach(), None, pack, panels)
         if self.lm_head is not None:
             self.lm_head.data = self.lm_head.data.new_empty(0)
         return True
+
+    def weight_layouts(self) -> str:
+        """Which packed layouts the projections use: 'oneDNN', 'oneDNN + panels', 'panels' or 'plain'."""
+        lin = self.head_proj
+        names = [n for n, on in (("oneDNN", lin.packed), ("panels", lin.panels is not None)) if on]
+        return " + ".join(names) or "plain"
 
     def weight_bytes(self) -> int:
         """Bytes held by the weights: the parameters plus any packed copies."""
         total = sum(p.numel() * p.element_size() for p in self.parameters())
         projections = [getattr(layer, f"{n}_proj") for layer in self.layers for n in PROJECTIONS]
-        for lin in [*projections, self.head_proj]:
-            if lin.packed:
-                total += lin.weight.numel() * lin.weight.element_size()
-        return total
+        return total + sum(lin.extra_bytes() for lin in [*projections, self.head_proj])

@@ -80,8 +80,8 @@ class ModelRunner:
         shape = (c.num_layers, 2, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
         self.kv_layers = list(self.kv_cache.unbind(0))
-        log.info("loaded %s on %s (%s%s): weights %.1f MiB, %d KV blocks of %d tokens (%.1f MiB)", self.folder.name,
-                 self.device, self.dtype, ", weights packed for oneDNN" if self.packed_weights else "",
+        log.info("loaded %s on %s (%s, weights %s): weights %.1f MiB, %d KV blocks of %d tokens (%.1f MiB)",
+                 self.folder.name, self.device, self.dtype, self.model.weight_layouts(),
                  self.weight_bytes / 2**20, self.num_blocks, block_size,
                  self.num_blocks * self.kv_bytes_per_block / 2**20)
 
