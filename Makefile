@@ -17,7 +17,7 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e '.[test]'
-	@# build the CPU kernels now (~20 s) rather than in the first worker; cached under ~/.cache
+	@# build the CPU kernels now (about a minute) rather than in the first worker; cached under ~/.cache
 	$(BIN)/python -m worker.kernels || echo "a CPU kernel was not built: workers will use the torch paths for it"
 	touch $@
 

@@ -47,8 +47,10 @@ DEPLOYMENT = "test"
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.timeout(30)]
 
-HEALTH = HealthConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=0.5, step_timeout_s=1.0,
-                      placement_timeout_s=1.5, check_interval_s=0.05)
+# deadlines with room for a pause of the whole test process: on the 2-core AVX2 machine, beats of workers that were
+# running fine were seen 0.5-0.9 s apart during the full suite, which a 0.5 s timeout took for deaths
+HEALTH = HealthConfig(heartbeat_interval_s=0.1, heartbeat_timeout_s=1.5, step_timeout_s=2.0,
+                      placement_timeout_s=2.5, check_interval_s=0.05)
 # for tests where no worker should die of a deadline: a loaded machine must not make one miss it
 STEADY = dict(heartbeat_timeout_s=3.0, step_timeout_s=5.0)
 PROMPT = list(range(100, 120))
@@ -257,8 +259,11 @@ async def test_silent_worker_is_declared_dead_and_its_sequence_continues_elsewhe
         assert out.finish_reason == "length" and out.error is None
         assert b.results, "B never computed anything"
         assert not h.engine.replicas["A"].alive and h.engine.replicas["B"].alive
-        assert h.engine.counters["worker_deaths"] == 1 and h.engine.counters["failovers"] == 1
-        assert [(wid, pid) for wid, pid, _ in h.dead] == [("A", a.pid)]
+        assert h.engine.counters["failovers"] == 1
+        # the frozen A may register again and be declared dead again (with nothing to move) while B finishes: on a
+        # slow machine that happens before the stream ends, so only A may die, and only its first death moves work
+        assert h.engine.counters["worker_deaths"] == len(h.dead) >= 1
+        assert {(wid, pid) for wid, pid, _ in h.dead} == {("A", a.pid)}
         assert "heartbeat" in h.dead[0][2]
 
         # the frozen worker thaws and answers its old steps (the one it froze in and, with overlap, the one
@@ -306,7 +311,7 @@ async def test_hung_step_fails_the_worker_after_step_timeout(tmp_path, model):
         a.hang_steps = True  # heartbeats keep flowing: only the step deadline can catch it
         await until(lambda: a.held, what="a held step")
         started = time.monotonic()
-        await until(lambda: h.dead, timeout=3, what="A declared dead")
+        await until(lambda: h.dead, timeout=HEALTH.step_timeout_s + 3, what="A declared dead")
         assert time.monotonic() - started >= HEALTH.step_timeout_s - 0.1
         out = await reader.finish()
 
