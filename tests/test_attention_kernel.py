@@ -10,9 +10,11 @@ import torch
 from worker.attention import AttentionMetadata, PagedCpuAttention, TorchAttention, select_attention
 
 
-@pytest.fixture(scope="module")
-def paged():
-    return PagedCpuAttention()
+@pytest.fixture(scope="module", params=[False, True], ids=["kernel-prefill", "sdpa-prefill"])
+def paged(request):
+    # every comparison runs twice: the kernel attending every row, and the kernel attending the decodes while
+    # SDPA takes the prefill chunks (the AMX default for bfloat16; it runs on any CPU)
+    return PagedCpuAttention(sdpa_prefill=request.param)
 
 
 def random_step(query_lens, starts, *, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, seed=0):
@@ -104,6 +106,32 @@ def test_non_contiguous_inputs(paged):
     expected = TorchAttention().forward(q, k, v, ref_cache, meta)
     assert torch.allclose(paged.forward(q, k, wide, kv_cache, meta), expected, atol=1e-5)
     assert torch.equal(kv_cache, ref_cache)
+
+
+def test_decode_only_leaves_prefill_rows_and_writes_every_slot():
+    q, k, v, kv_cache, meta = random_step([1, 9, 1, 4], [20, 0, 7, 30], kv_heads=3, group=3, head_dim=64)
+    ref_cache = kv_cache.clone()
+    expected = TorchAttention().forward(q, k, v, ref_cache, meta)
+    out = torch.full_like(q, 7.0)
+    torch.ops.nimbus.paged_attention(out, q, k, v, kv_cache, meta.slot_mapping, meta.block_tables, meta.query_start,
+                                     meta.context_lens, 0.125, True)
+    assert torch.equal(kv_cache, ref_cache), "decode_only must still write the prefill tokens' K/V"
+    decode_rows = meta.decode_token_idx
+    assert torch.allclose(out[decode_rows], expected[decode_rows], atol=1e-5)
+    prefill_rows = torch.cat([torch.arange(g.token_slice.start, g.token_slice.stop) for g in meta.prefills])
+    assert bool((out[prefill_rows] == 7.0).all()), "decode_only wrote rows of a prefill chunk"
+
+
+def test_sdpa_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
+    from worker import kernels
+
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("NIMBUS_ATTENTION", raising=False)
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16 amx_tile amx_bf16")
+    assert select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
+    assert not select_attention(cpu, torch.float32, 64).sdpa_prefill  # the kernel's float32 prefill is faster
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16")
+    assert not select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
 
 
 def test_backend_selection(monkeypatch):

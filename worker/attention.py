@@ -121,7 +121,7 @@ class TorchAttention:
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], key_cache, value_cache, meta)
         for group in meta.prefills:
-            out[group.token_slice] = self._prefill(q[group.token_slice], key_cache, value_cache, group)
+            out[group.token_slice] = self._prefill(q[group.token_slice], kv_cache, group)
         return out
 
     @staticmethod
@@ -137,11 +137,8 @@ class TorchAttention:
         return out.squeeze(2)
 
     @staticmethod
-    def _prefill(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, group: PrefillGroup):
-        _, block_size, kv_heads, head_dim = key_cache.shape
-        ctx = group.context_len
-        keys = key_cache[group.block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
-        values = value_cache[group.block_ids].view(-1, kv_heads, head_dim)[:ctx].transpose(0, 1)
+    def _prefill(q: torch.Tensor, kv_cache: torch.Tensor, group: PrefillGroup):
+        keys, values = _gather_context(kv_cache, group)
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             keys.unsqueeze(0),
@@ -156,7 +153,12 @@ class TorchAttention:
 class PagedCpuAttention:
     """CPU backend on the C++ kernel in worker/csrc/paged_attention.cpp: reads each sequence's K/V blocks in
     place (no gather, no padding) and runs every decode and prefill row of a step in one call per layer, on
-    the torch intra-op threads. float32 and bfloat16."""
+    the torch intra-op threads. float32 and bfloat16.
+
+    With `sdpa_prefill`, the kernel writes the step's K/V and attends the decodes only, and each prefill chunk
+    goes through torch's scaled_dot_product_attention instead: on CPUs with AMX, its bfloat16 flash attention
+    runs its products on the tile unit and measured 1.35-1.8x the kernel's prefill (docs/benchmarks.md); the
+    kernel stays faster in float32 and on CPUs without AMX."""
 
     DTYPES = (torch.float32, torch.bfloat16)
 
@@ -165,16 +167,42 @@ class PagedCpuAttention:
         # the kernel keeps a head's row in whole vectors (16 floats on AVX-512, 8 elsewhere), at most 256 floats
         return device.type == "cpu" and dtype in cls.DTYPES and head_dim % 16 == 0 and head_dim <= 256
 
-    def __init__(self) -> None:
+    @staticmethod
+    def prefers_sdpa_prefill(dtype: torch.dtype) -> bool:
+        """Whether SDPA's prefill beats the kernel's here: bfloat16 on a CPU with AMX-BF16 tiles."""
+        return dtype == torch.bfloat16 and "amx_bf16" in kernels.cpu_flags().split()
+
+    def __init__(self, sdpa_prefill: bool = False) -> None:
         self._op = kernels.paged_attention()
+        self.sdpa_prefill = sdpa_prefill
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         out = torch.empty_like(q)
+        sdpa = self.sdpa_prefill and bool(meta.prefills)
         self._op(out, q, k, v, kv_cache, meta.slot_mapping, meta.block_tables, meta.query_start,
-                 meta.context_lens, 1.0 / math.sqrt(q.shape[-1]))
+                 meta.context_lens, 1.0 / math.sqrt(q.shape[-1]), sdpa)
+        if sdpa:
+            for group in meta.prefills:
+                rows = group.token_slice
+                if group.mask is None:  # the chunk is the whole context: its keys are the new ones
+                    keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+                else:
+                    keys, values = _gather_context(kv_cache, group)
+                out[rows] = F.scaled_dot_product_attention(
+                    q[rows].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                    attn_mask=group.mask, is_causal=group.mask is None, enable_gqa=True,
+                ).squeeze(0).transpose(0, 1)
         return out
+
+
+def _gather_context(kv_cache: torch.Tensor, group: PrefillGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prefill group's keys and values for its whole context, gathered from the pool: [KVH, context, D] each."""
+    kv_heads, head_dim = kv_cache.shape[3:]
+    keys = kv_cache[0][group.block_ids].view(-1, kv_heads, head_dim)[: group.context_len]
+    values = kv_cache[1][group.block_ids].view(-1, kv_heads, head_dim)[: group.context_len]
+    return keys.transpose(0, 1), values.transpose(0, 1)
 
 
 BACKENDS = ("torch", "paged")
@@ -196,8 +224,10 @@ def select_attention(
         if not usable:
             raise ValueError(f"the paged attention kernel runs on CPU in float32 or bfloat16 with head_dim a "
                              f"multiple of 16 up to 256, not {device} {dtype} head_dim {head_dim}")
-        return PagedCpuAttention()
-    return PagedCpuAttention() if usable and _paged_kernel_loads() else TorchAttention()
+        return PagedCpuAttention(PagedCpuAttention.prefers_sdpa_prefill(dtype))
+    if usable and _paged_kernel_loads():
+        return PagedCpuAttention(PagedCpuAttention.prefers_sdpa_prefill(dtype))
+    return TorchAttention()
 
 
 @functools.cache

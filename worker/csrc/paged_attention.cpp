@@ -660,7 +660,7 @@ void attend_dispatch(const Problem& P, const Item& it, Scratch& S) {
   }
 }
 
-std::vector<Item> make_items(const Problem& P, int64_t num_seqs, int64_t threads) {
+std::vector<Item> make_items(const Problem& P, int64_t num_seqs, int64_t threads, bool decode_only) {
   int64_t decodes = 0;
   for (int32_t s = 0; s < num_seqs; ++s) decodes += P.query_start[s + 1] - P.query_start[s] == 1;
   // with many decodes, one item per sequence reads each KV block whole; with few, split by kv head so every
@@ -677,6 +677,7 @@ std::vector<Item> make_items(const Problem& P, int64_t num_seqs, int64_t threads
                          (start + 1) * std::min<int64_t>(decode_heads, P.kv_heads - h) * P.group});
       continue;
     }
+    if (decode_only) continue;
     for (int32_t b = 0; b < q_len; b += QT) {
       const int32_t e = std::min(q_len, b + QT);
       const int64_t cost = (start + e) * (e - b) * P.group;
@@ -708,11 +709,13 @@ void check_int32(const at::Tensor& x, const char* name, int64_t dims) {
               " must be a contiguous int32 tensor of ", dims, " dims");
 }
 
-// Writes k/v at slot_mapping, then attention for every query row. kv_cache is one layer's
-// [2, num_blocks, block_size, KVH, D] pool.
+// Writes k/v at slot_mapping, then attention for every query row (with decode_only, for the rows of sequences
+// computing one token: the caller attends the prefill chunks itself and their rows of out are left as they were).
+// kv_cache is one layer's [2, num_blocks, block_size, KVH, D] pool.
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
-                     const at::Tensor& query_start, const at::Tensor& context_lens, double scale) {
+                     const at::Tensor& query_start, const at::Tensor& context_lens, double scale,
+                     bool decode_only) {
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, num_blocks, block_size, kv_heads, head_dim] tensor");
   const auto dtype = kv_cache.scalar_type();
@@ -768,7 +771,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
             block_tables.const_data_ptr<int32_t>(), query_start.const_data_ptr<int32_t>(),
             context_lens.const_data_ptr<int32_t>(), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             block_tables.stride(0), kv_cache.size(2), kv_heads, q.size(1) / kv_heads, d, float(scale)};
-  const std::vector<Item> items = make_items(P, num_seqs, at::get_num_threads());
+  const std::vector<Item> items = make_items(P, num_seqs, at::get_num_threads(), decode_only);
   const int64_t n = int64_t(items.size());
   std::atomic<int64_t> next{0};
   // one task per thread, each pulling items until none is left: costs differ by orders of magnitude
@@ -789,7 +792,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
 TORCH_LIBRARY(nimbus, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor(b!) kv_cache, Tensor slot_mapping, "
-      "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale) -> ()");
+      "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, bool decode_only=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimbus, CPU, m) { m.impl("paged_attention", &paged_attention); }
