@@ -57,6 +57,8 @@ class Metrics:
                             REQUEST, LATENCY_BUCKETS)
         self.step = hist("nimbus_step_duration_seconds", "One step: sent to result applied.", ("worker",),
                          LATENCY_BUCKETS)
+        self.compute = hist("nimbus_step_compute_seconds", "The worker's own time on one step: apply, forward, "
+                            "sample.", ("worker",), LATENCY_BUCKETS)
         self.batch_tokens = hist("nimbus_step_batch_tokens", "Tokens computed in one step.", ("worker",),
                                  TOKEN_BUCKETS)
         self.requests = Counter("nimbus_requests", "Sequences (choices) by final status.", (*REQUEST, "status"),
@@ -103,6 +105,7 @@ class ReplicaMetrics:
         self.prefill = metrics.prefill.labels(*labels)
         self.generation_tokens = metrics.generation_tokens.labels(*labels)
         self.step, self.batch_tokens = metrics.step.labels(worker), metrics.batch_tokens.labels(worker)
+        self.compute = metrics.compute.labels(worker)
         self.preemptions = metrics.preemptions.labels(worker)
 
 

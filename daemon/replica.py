@@ -313,6 +313,7 @@ class Replica:
                 if (m := self.metrics) is not None:
                     done = flight.plan
                     m.step.observe(now - flight.started)
+                    m.compute.observe(result.forward_s)
                     m.batch_tokens.observe(done.num_batched_tokens)
                     if done.preempted_seq_ids:
                         m.preemptions.inc(len(done.preempted_seq_ids))
