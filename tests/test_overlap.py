@@ -160,6 +160,25 @@ def test_abort_with_two_steps_in_flight():
     assert other.output_token_ids == reference(other, p.sched.max_seq_len)[0]
 
 
+def test_no_step_is_queued_behind_a_long_prefill_so_arrivals_join_the_next_one():
+    p = setup(max_num_batched_tokens=64, overlap_max_prefill_tokens=32)
+    p.sched.add(make_seq(1, [5] * 40, max_tokens=4))  # 39 prefill tokens: at the limit or over it
+    prefill = p.sched.schedule()
+    assert prefill is not None and p.sched.schedule() is None  # nothing is built behind it...
+    p.sched.add(make_seq(2, [6] * 3, max_tokens=4))  # ...so a request arriving now
+    p.sched.update(prefill, p.worker.run(prefill.step))
+    after = p.sched.schedule()
+    assert sorted(seq.seq_id for seq in after.seqs) == [1, 2]  # joins the very next step
+    # a short step (3 tokens, 2 of them prefill) still has the next one built behind it
+    assert p.sched.schedule() is not None
+
+
+def test_short_prefills_still_overlap():
+    p = setup(max_num_batched_tokens=64, overlap_max_prefill_tokens=32)
+    p.sched.add(make_seq(1, [5] * 20, max_tokens=4))  # 19 prefill tokens
+    assert p.sched.schedule() is not None and p.sched.schedule() is not None
+
+
 def test_no_overlap_when_a_step_might_preempt():
     # 6 blocks of 4: two sequences growing to 20 tokens each cannot both fit, so someone is preempted,
     # and never while a step is in flight (the scheduler asserts it)
