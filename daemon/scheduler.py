@@ -37,9 +37,10 @@ class SchedulerConfig:
     # Schedule and send step N+1 while the worker computes step N (its sampled tokens still unknown here),
     # so neither side waits for the other's half of the round trip.
     overlap: bool = True
-    # ...except behind a step with this many prefill tokens or more. Such a step is long (a prompt's worth of
-    # compute), so building the next one only when it ends costs the worker one round trip, about a
-    # millisecond, while requests that arrive during it join that next step instead of the one after it.
+    # ...except behind a step with this many prefill tokens or more (tokens past one a sequence: decodes count
+    # none). Such a step is long (a prompt's worth of compute), so building the next one only when it ends
+    # costs the worker one round trip, about a millisecond, while requests that arrive during it join that
+    # next step instead of the one after it.
     overlap_max_prefill_tokens: int = 128
 
     @property
@@ -336,9 +337,9 @@ class Scheduler:
 
     def _may_overlap(self, suspect: Sequence | None) -> bool:
         """Whether a step may be built while one is in flight: no suspect is involved (it runs alone, so a
-        failure blames it only), the step in flight is not a long prefill (overlap_max_prefill_tokens), and the free
-        blocks cover the worst case of the running sequences' growth
-        (one block each, plus a whole token budget's worth), so nobody needs preempting."""
+        failure blames it only), the step in flight is not a long prefill (overlap_max_prefill_tokens), and
+        the free blocks cover the worst case of the running sequences' growth (one block each, plus a whole
+        token budget's worth), so nobody needs preempting."""
         if suspect is not None or (self.waiting and self.waiting[0].suspect):
             return False
         limit = self.config.overlap_max_prefill_tokens

@@ -162,14 +162,15 @@ def test_abort_with_two_steps_in_flight():
 
 def test_no_step_is_queued_behind_a_long_prefill_so_arrivals_join_the_next_one():
     p = setup(max_num_batched_tokens=64, overlap_max_prefill_tokens=32)
-    p.sched.add(make_seq(1, [5] * 40, max_tokens=4))  # 39 prefill tokens: at the limit or over it
+    p.sched.add(make_seq(1, [5] * 40, max_tokens=4))  # 39 tokens past one a sequence: over the limit of 32
     prefill = p.sched.schedule()
     assert prefill is not None and p.sched.schedule() is None  # nothing is built behind it...
     p.sched.add(make_seq(2, [6] * 3, max_tokens=4))  # ...so a request arriving now
     p.sched.update(prefill, p.worker.run(prefill.step))
     after = p.sched.schedule()
     assert sorted(seq.seq_id for seq in after.seqs) == [1, 2]  # joins the very next step
-    # a short step (3 tokens, 2 of them prefill) still has the next one built behind it
+    # that step (seq 1's decode beside seq 2's 3-token prompt: 2 tokens past one a sequence) is short, so the
+    # next one is built behind it as before
     assert p.sched.schedule() is not None
 
 
