@@ -187,12 +187,16 @@ inline float exp_row(float* s, int64_t n, float& row_max) {
 }
 
 // Decode reads K and V rows from memory once each, one kv head's row at a time; each row read asks for the
-// same head's row AHEAD positions later, which keeps a steady number of lines in flight.
-constexpr int AHEAD = 16;
+// same head's row AHEAD positions later, which keeps a steady number of lines in flight. The requests go to L2
+// (prefetcht1), not L1: L1 has too few miss buffers for the lines two blocks ahead, and prefetcht0 one block
+// ahead left decode waiting on memory (on Zen 4, 64 decodes at context 320 from DRAM: 0.64-0.82 ms a layer
+// against 0.88-1.28 with prefetcht0 and 16 positions, docs/benchmarks.md).
+constexpr int AHEAD = 32;
 
 template <typename T>
 inline void prefetch_row(const T* p, int nv) {
-  for (int64_t b = 0; b < nv * W * int64_t(sizeof(T)); b += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + b);
+  for (int64_t b = 0; b < nv * W * int64_t(sizeof(T)); b += 64)
+    __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 2);
 }
 
 // Decode rows: scores of R query heads (sharing a kv head) against up to W keys; q rows are pre-scaled floats.
