@@ -188,9 +188,9 @@ inline float exp_row(float* s, int64_t n, float& row_max) {
 
 // Decode reads K and V rows from memory once each, one kv head's row at a time; each row read asks for the
 // same head's row AHEAD positions later, which keeps a steady number of lines in flight. The requests go to L2
-// (prefetcht1), not L1: L1 has too few miss buffers for the lines two blocks ahead, and prefetcht0 one block
-// ahead left decode waiting on memory (on Zen 4, 64 decodes at context 320 from DRAM: 0.64-0.82 ms a layer
-// against 0.88-1.28 with prefetcht0 and 16 positions, docs/benchmarks.md).
+// (prefetcht1), two blocks ahead: prefetcht0 one block ahead left decode waiting on memory, likely because L1
+// has few miss buffers (on Zen 4, 64 decodes at context 320 from DRAM: 0.64-0.82 ms a layer against 0.88-1.28
+// with prefetcht0 and 16 positions, docs/benchmarks.md).
 constexpr int AHEAD = 32;
 
 template <typename T>
