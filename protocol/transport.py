@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import math
 import time
 
 import zmq
@@ -229,7 +230,8 @@ class DealerEndpoint:
         deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
         while True:
             self._watch_link()
-            wait_ms = 500 if deadline is None else min(500, max(0, int((deadline - time.monotonic()) * 1000)))
+            # rounded up: truncating would turn the last millisecond before the deadline into a busy loop
+            wait_ms = 500 if deadline is None else min(500, max(0, math.ceil((deadline - time.monotonic()) * 1000)))
             if self.sock in dict(self.poller.poll(wait_ms)):
                 return decode(self.sock.recv(copy=True), self.max_bytes)
             if deadline is not None and time.monotonic() >= deadline:

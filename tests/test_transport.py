@@ -13,7 +13,7 @@ import zmq
 import zmq.asyncio
 
 from protocol.messages import Heartbeat, decode, encode
-from protocol.transport import RouterEndpoint
+from protocol.transport import DealerEndpoint, RouterEndpoint
 
 
 @pytest.fixture()
@@ -126,4 +126,23 @@ async def test_a_message_noticed_by_a_send_still_wakes_the_receiver(router) -> N
             assert dealer.poll(5000) and dealer.recv()
     finally:
         dealer.close(linger=0)
+        ctx.term()
+
+
+def test_a_worker_waiting_for_a_message_sleeps_instead_of_spinning(router) -> None:
+    """recv with a timeout sleeps in poll for all of it: rounding the wait down once turned each timeout's last
+    millisecond into a busy loop, which on a worker's cores stalls the forward pass's threads."""
+    _, address = router
+    ctx = zmq.Context()
+    dealer = DealerEndpoint(ctx, b"idle", address)
+    try:
+        wall, cpu = time.monotonic(), time.thread_time()
+        for _ in range(50):
+            assert dealer.recv(timeout_ms=2) is None
+        wall, cpu = time.monotonic() - wall, time.thread_time() - cpu
+        assert wall >= 0.1  # every wait lasted its timeout
+        # sleeping: well under a millisecond of CPU a call; spinning through the last millisecond took ~50 ms
+        assert cpu < 0.02, f"{cpu * 1e3:.1f} ms of CPU in 50 waits of 2 ms"
+    finally:
+        dealer.close()
         ctx.term()

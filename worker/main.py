@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
+import math
 import os
 import signal
 import socket
@@ -31,6 +32,9 @@ from worker.runner import ModelRunner, parse_size
 
 log = logging.getLogger("nimbus.worker")
 HELLO_RETRY_S = 1.0
+# the heartbeat thread's longest sleep (so stop and the lease are seen within it), and its poll before a Welcome
+MAX_BEAT_WAIT_S = 1.0
+UNWELCOMED_POLL_S = 0.1
 LOAD_FAILED_EXIT = 3
 
 
@@ -200,8 +204,11 @@ class Worker:
                     sock.send(Heartbeat(worker_id=self.worker_id, incarnation=self.incarnation, seq=seq,
                                         state=self.state, step_id=self.step_in_progress))
                     next_beat = now + self.heartbeat_interval
+                # sleep until the next beat is due: this thread's wake-ups land on the cores the forward pass
+                # runs on, and each one stalls both of its barrier-synced threads (docs/benchmarks.md)
+                wait_s = next_beat - time.monotonic() if self.welcomed.is_set() else UNWELCOMED_POLL_S
                 try:
-                    msg = sock.recv(timeout_ms=100)
+                    msg = sock.recv(timeout_ms=math.ceil(min(max(wait_s, 0.001), MAX_BEAT_WAIT_S) * 1000))
                 except ProtocolError:
                     msg = None
                 if isinstance(msg, Heartbeat) and msg.incarnation == self.incarnation:
