@@ -42,6 +42,8 @@ from protocol.transport import RouterEndpoint
 log = logging.getLogger("nimbus.engine")
 # a sequence whose steps were in flight when this many workers died or failed is a poison request
 POISON_FAILURES = 2
+# a health check this much later than its interval means the daemon was not running meanwhile
+STALL_FORGIVEN_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +128,7 @@ class Engine:
         self._replica_ids = itertools.count(1)
         self.replica_added = asyncio.Event()
         self.counters = dict(bad_frames=0, stale_frames=0, worker_deaths=0, failovers=0, poisoned=0,
-                             load_failures=0)
+                             load_failures=0, stalls_forgiven=0)
         # called with (worker_id, pid, reason) when a worker is declared dead: the supervisor kills it
         self.on_dead: Callable[[str, int, str], None] | None = None
         # called when a replica waits for a worker and none is free: the supervisor may start one
@@ -432,12 +434,35 @@ class Engine:
 
     # ------------------------------------------------------------------ health and failover
     async def health_loop(self) -> None:
+        last = time.monotonic()
         while True:
             await asyncio.sleep(self.health.check_interval_s)
+            now = time.monotonic()
+            stalled, last = now - last - self.health.check_interval_s, now
             try:
-                self.check_health(time.monotonic())
+                if stalled > STALL_FORGIVEN_S:
+                    self.forgive_stall(stalled)
+                self.check_health(now)
             except Exception:  # keep watching: one bad check must not end failure detection for good
                 log.exception("health check failed")
+
+    def forgive_stall(self, stalled_s: float) -> None:
+        """The daemon itself did not run for `stalled_s` (its process or host was paused: SIGSTOP, a frozen
+        cgroup, a suspended VM; or its loop was blocked). Silence over that time says nothing about the
+        workers, which were likely paused with it and whose beats may wait unread: every clock the health
+        check compares moves on by the stall, so nothing is failed for it."""
+        log.warning("the daemon did not run for %.1fs; health clocks move on by as much", stalled_s)
+        self.counters["stalls_forgiven"] += 1
+        for replica in self.replicas.values():
+            replica.last_heartbeat += stalled_s
+            for flight in replica.flights:
+                flight.started += stalled_s
+        for worker in self.idle.values():
+            worker.last_heartbeat += stalled_s
+        for pending in self.pending.values():
+            pending.load_sent += stalled_s
+        for orphan in self.orphans:
+            orphan.deadline += stalled_s
 
     def check_health(self, now: float) -> None:
         for replica in self.live():

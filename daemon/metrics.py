@@ -34,6 +34,8 @@ ENGINE_COUNTERS = {
     "poisoned": ("nimbus_poisoned_requests", "Sequences failed because their steps kept killing workers."),
     "bad_frames": ("nimbus_bad_frames", "Frames from workers that did not decode."),
     "stale_frames": ("nimbus_stale_frames", "Frames from an earlier incarnation or for a step not in flight."),
+    "stalls_forgiven": ("nimbus_daemon_stalls", "Times the daemon found it had not run for over a second "
+                        "(paused or blocked) and moved the health clocks on instead of failing workers."),
 }
 
 

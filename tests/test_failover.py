@@ -135,6 +135,39 @@ def test_sigstop_is_detected_within_the_heartbeat_timeout(server):
             os.kill(victim["pid"], signal.SIGKILL)
 
 
+def test_pausing_the_whole_server_fails_nothing(server):
+    """SIGSTOP to the daemon and its workers together (what `systemctl freeze` or a suspended VM does), for
+    longer than the heartbeat timeout and the lease, mid-stream: after SIGCONT neither side holds the pause against the other.
+    No worker is declared dead or restarted, and every stream ends as it would have without the pause."""
+    wait_for(lambda: _both_up(server), 120, "both workers up")
+    reference = _stream_all(server)
+    before = server.workers_info()
+    stalls_before = _metric(server, "nimbus_daemon_stalls_total")
+
+    def pause() -> None:
+        os.killpg(server.proc.pid, signal.SIGSTOP)
+        time.sleep(6.0)  # past both heartbeat_timeout_s (2 s) and the workers' lease (lease_s, 5 s)
+        os.killpg(server.proc.pid, signal.SIGCONT)
+
+    try:
+        texts = _stream_all(server, fault=pause)
+    finally:
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    assert texts == reference
+    time.sleep(3.0)  # past another heartbeat timeout: a late verdict would show now
+    after = server.workers_info()
+    for wid, w in before.items():
+        assert (after[wid]["pid"], after[wid]["incarnation"], after[wid]["restarts"], after[wid]["state"]) == \
+            (w["pid"], w["incarnation"], w["restarts"], "up"), after[wid]
+    assert _metric(server, "nimbus_daemon_stalls_total") == stalls_before + 1
+    assert "lost the daemon" not in server.log()
+
+
+def _metric(server, name: str) -> float:
+    text = httpx.get(server.url + "/metrics", timeout=5).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

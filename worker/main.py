@@ -35,6 +35,8 @@ HELLO_RETRY_S = 1.0
 # the heartbeat thread's longest sleep (so stop and the lease are seen within it), and its poll before a Welcome
 MAX_BEAT_WAIT_S = 1.0
 UNWELCOMED_POLL_S = 0.1
+# waking this much past its timeout means the heartbeat thread was not running meanwhile
+STALL_FORGIVEN_S = 1.0
 LOAD_FAILED_EXIT = 3
 
 
@@ -207,10 +209,18 @@ class Worker:
                 # sleep until the next beat is due: this thread's wake-ups land on the cores the forward pass
                 # runs on, and each one stalls both of its barrier-synced threads (docs/benchmarks.md)
                 wait_s = next_beat - time.monotonic() if self.welcomed.is_set() else UNWELCOMED_POLL_S
+                wait_ms = math.ceil(min(max(wait_s, 0.001), MAX_BEAT_WAIT_S) * 1000)
+                due = time.monotonic() + wait_ms / 1000
                 try:
-                    msg = sock.recv(timeout_ms=math.ceil(min(max(wait_s, 0.001), MAX_BEAT_WAIT_S) * 1000))
+                    msg = sock.recv(timeout_ms=wait_ms)
                 except ProtocolError:
                     msg = None
+                stalled = time.monotonic() - due
+                if stalled > STALL_FORGIVEN_S:
+                    # this process (or its host) was paused, so the daemon's silence meanwhile says nothing:
+                    # it was likely paused with us; the lease runs on from now
+                    log.warning("this worker did not run for %.1fs; the daemon's lease runs on from now", stalled)
+                    self.last_contact += stalled
                 if isinstance(msg, Heartbeat) and msg.incarnation == self.incarnation:
                     self.last_contact = time.monotonic()
                 elif isinstance(msg, Error) and msg.code == "unknown_worker" and self.welcomed.is_set():
