@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -10,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from worker.sampler import SampleOutput, SamplingBatch, generator_seed, sample
+from worker.sampler import SampleOutput, SamplingBatch, argmax_rows, generator_seed, sample
 
 CPU = torch.device("cpu")
 
@@ -326,3 +327,40 @@ def test_draws_stay_inside_the_filtered_set(
     allowed = reference_allowed(base, p)
     drawn = set(tokens.tolist())
     assert drawn <= allowed
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_argmax_rows_is_torchs_argmax(dtype: torch.dtype) -> None:
+    """The CPU kernel behind greedy picks: the first of tied maxima, NaN as the largest, all -inf rows,
+    rows shorter than a vector, and rows that are a slice of a wider tensor."""
+    from worker import kernels
+
+    kernels.fused_ops()  # built here, as on every CPU worker: the kernel, not torch's fallback, is under test
+    g = torch.Generator().manual_seed(3)
+    wide = torch.randn(70, 49200, generator=g).to(dtype)
+    x = wide[:, :49152]
+    x[3, 100] = x[3, 4000] = x[3, 49151] = 60.0
+    x[5, 7] = x[5, 9000] = float("nan")
+    x[6] = float("-inf")
+    x[7, -1] = 99.0
+    x[8, 17] = float("inf")
+    for rows in (x, x[:1], wide[:, :5], wide[:, :33], wide[:, 16:49152]):
+        got = argmax_rows(rows)
+        assert got.dtype == torch.int64 and torch.equal(got, rows.argmax(dim=-1))
+    assert argmax_rows(x)[[3, 5, 6, 7, 8]].tolist() == [100, 7, 0, 49151, 17]
+
+
+def test_in_place_sampling_picks_the_same_and_only_writes_the_bans() -> None:
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(4))
+    logits[:, 2] = 10.0  # the stop id is everyone's favourite
+    params = [Params(temperature=0.0, min_tokens=3, stop_token_ids=(2,), logit_bias={5: 0.5})] * 6
+    history = [[7, 1]] * 6
+    batch = SamplingBatch.build(params, history, [1] * 6, CPU, 50)
+    copy = logits.clone()
+    expected = sample(logits, batch).token_ids
+    assert torch.equal(logits, copy)  # out of place by default
+    got = sample(logits, batch, inplace=True).token_ids
+    assert torch.equal(got, expected) and 2 not in got.tolist()
+    assert (logits[:, 2] == -math.inf).all() and torch.allclose(logits[:, 5], copy[:, 5] + 0.5)
+    others = [i for i in range(50) if i not in (2, 5)]
+    assert torch.equal(logits[:, others], copy[:, others])

@@ -60,7 +60,7 @@ class StepExecutor:
             [s.num_prompt_tokens for _, s, _ in samplers],
             logits.device,
             self.runner.config.vocab_size,
-        ))
+        ), inplace=True)  # the logits are this step's own
         tokens = out.token_ids.tolist()
         for (_, state, _), token in zip(samplers, tokens):
             state.token_ids.append(token)
