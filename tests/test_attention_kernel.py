@@ -10,11 +10,14 @@ import torch
 from worker.attention import AttentionMetadata, PagedCpuAttention, TorchAttention, select_attention
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["kernel-prefill", "sdpa-prefill"])
+@pytest.fixture(scope="module", params=[(False, False), (True, False), (False, True)],
+                ids=["kernel-prefill", "sdpa-prefill", "dp-decode"])
 def paged(request):
-    # every comparison runs twice: the kernel attending every row, and the kernel attending the decodes while
-    # SDPA takes the prefill chunks (the AMX default for bfloat16; it runs on any CPU)
-    return PagedCpuAttention(sdpa_prefill=request.param)
+    # every comparison runs three times: the kernel attending every row; the kernel attending the decodes while
+    # SDPA takes the prefill chunks (the AMX default for bfloat16; it runs on any CPU); and bfloat16 decodes on
+    # vdpbf16ps (the default on AVX512-BF16 without AMX; elsewhere the float path runs either way)
+    sdpa_prefill, dp_decode = request.param
+    return PagedCpuAttention(sdpa_prefill=sdpa_prefill, dp_decode=dp_decode)
 
 
 def random_step(query_lens, starts, *, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, seed=0):
@@ -130,8 +133,13 @@ def test_sdpa_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16 amx_tile amx_bf16")
     assert select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
     assert not select_attention(cpu, torch.float32, 64).sdpa_prefill  # the kernel's float32 prefill is faster
+    assert not select_attention(cpu, torch.bfloat16, 64).dp_decode  # measured slower on an AMX Xeon
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16")
     assert not select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
+    assert select_attention(cpu, torch.bfloat16, 64).dp_decode
+    assert not select_attention(cpu, torch.float32, 64).dp_decode
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2")
+    assert not select_attention(cpu, torch.bfloat16, 64).dp_decode
 
 
 def test_backend_selection(monkeypatch):

@@ -19,8 +19,9 @@
 //            across stages. Tiles wholly in a row block's future are skipped.
 // The G = H/KVH query heads of a kv head are always processed together so each K/V row is read once.
 // Accumulation is in float32 for both dtypes. On CPUs with AVX512-BF16, bfloat16 prefill runs both products on
-// vdpbf16ps (prefill_dp: about 1.3x the float path's speed); bfloat16 decode does not (memory-bound: the same
-// change measured 5-10% slower there once the KV cache no longer fits the caches).
+// vdpbf16ps (prefill_dp: about 1.3x the float path's speed). bfloat16 decode does so when asked (dp_decode,
+// decode_dp): on Zen 4 it measured level with the float path with the KV in DRAM and 10-15% faster with it in
+// cache (a shared prefix); on an AMX Xeon an earlier dot-product decode measured slower, so the caller decides.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -93,6 +94,7 @@ struct Problem {
   int64_t q_token_stride, q_head_stride, out_token_stride, out_head_stride;
   int64_t table_stride, block_size, kv_heads, group, head_dim;
   float scale;
+  bool dp_decode;  // bfloat16 decode on vdpbf16ps where the build has it (decode_dp)
 };
 
 struct Item {
@@ -645,8 +647,134 @@ void prefill_dp(const Problem& P, const Item& it, Scratch& S) {
 }
 #endif
 
+#ifdef __AVX512BF16__
+// bfloat16 decode on vdpbf16ps: the stages of `decode` (K pass, softmax, V pass, the same prefetch), with both
+// products on two-products-a-lane dot instructions over the rows as stored, so no row is widened to float. Scores:
+// a K row's NB vectors of 32 against the query head's (q as stored; scaled after the lane sums). Values: rows j
+// and j + 1 interleaved by unpacklo/unpackhi against the pair of their weights, rounded to bfloat16 as in
+// `prefill_dp`; the sums come out in that lane order and are put back in place once at the end.
+template <int NB, int R>
+inline void decode_scores_dp(const c10::BFloat16* kc, const int64_t* rows, int64_t n, int64_t hoff,
+                             const c10::BFloat16* q, int64_t d, float scale, float* s, int64_t s_stride,
+                             int64_t n_ahead) {
+  __m512bh qr[R][NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < NB; ++b) qr[r][b] = load32bh(q + r * d + b * 32);
+  vf dots[R][W];
+  for (int64_t j = 0; j < n; ++j) {
+    if (j < n_ahead) prefetch_row(kc + rows[j + AHEAD] + hoff, 2 * NB);
+    __m512bh k[NB];
+    for (int b = 0; b < NB; ++b) k[b] = load32bh(kc + rows[j] + hoff + b * 32);
+    for (int r = 0; r < R; ++r) {
+      __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), k[0], qr[r][0]);
+      for (int b = 1; b < NB; ++b) a = _mm512_dpbf16_ps(a, k[b], qr[r][b]);
+      dots[r][j] = std::bit_cast<vf>(a);
+    }
+  }
+  for (int64_t j = n; j < W; ++j)
+    for (int r = 0; r < R; ++r) dots[r][j] = vf{};
+  for (int r = 0; r < R; ++r) storeu(s + r * s_stride, reduce_lanes(dots[r]) * scale);
+}
+
+template <int NB, int R>
+inline void decode_values_dp(const c10::BFloat16* vc, const int64_t* rows, int64_t n, int64_t hoff,
+                             const c10::BFloat16* p, int64_t p_stride, float* acc, int64_t d, int64_t n_ahead) {
+  __m512 a[R][2 * NB];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_loadu_ps(acc + r * d + b * W);
+  for (int64_t j = 0; j < n; j += 2) {
+    if (j < n_ahead) prefetch_row(vc + rows[j + AHEAD] + hoff, 2 * NB);
+    if (j + 1 < n_ahead) prefetch_row(vc + rows[j + 1 + AHEAD] + hoff, 2 * NB);
+    __m512bh vv[2 * NB];
+    for (int b = 0; b < NB; ++b) {
+      const __m512i x = _mm512_loadu_si512(vc + rows[j] + hoff + b * 32);
+      const __m512i y = j + 1 < n ? _mm512_loadu_si512(vc + rows[j + 1] + hoff + b * 32) : _mm512_setzero_si512();
+      vv[2 * b] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(x, y));
+      vv[2 * b + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(x, y));
+    }
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;  // the weights of keys j and j + 1 (zero past the context: the rows are padded)
+      std::memcpy(&pair, p + r * p_stride + j, sizeof pair);
+      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+      for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_dpbf16_ps(a[r][b], vv[b], w);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < 2 * NB; ++b) _mm512_storeu_ps(acc + r * d + b * W, a[r][b]);
+}
+
+template <int NB>
+void decode_dp(const Problem& P, const Item& it, Scratch& S) {
+  using T = c10::BFloat16;
+  constexpr int R = NB <= 2 ? 4 : 2;  // value rows: R x 2NB sums plus 2NB interleaved rows in the registers
+  const int64_t d = P.head_dim, G = P.group, h0 = it.head_begin, h1 = it.head_end;
+  const int64_t heads = (h1 - h0) * G, row = P.query_start[it.seq], ctx = P.context_lens[it.seq];
+  const int64_t stride = (ctx + W - 1) / W * W;
+  Scratch::fit(S.q, heads * d / 2);  // bfloat16 q, two to a float slot
+  Scratch::fit(S.acc, heads * d);
+  Scratch::fit(S.s, heads * stride + heads * stride / 2);  // float scores, then the weights in bfloat16
+  if (S.rows.size() < size_t(stride)) S.rows.resize(stride);
+  T* hq = reinterpret_cast<T*>(S.q.data());
+  const T* q = static_cast<const T*>(P.q) + row * P.q_token_stride;
+  for (int64_t i = 0; i < heads; ++i) std::memcpy(hq + i * d, q + (h0 * G + i) * P.q_head_stride, d * sizeof(T));
+  std::fill_n(S.acc.data(), heads * d, 0.0f);
+  const T* kc = static_cast<const T*>(P.key_cache);
+  const T* vc = static_cast<const T*>(P.value_cache);
+  int64_t* rows = S.rows.data();
+  tile_rows(P, P.block_tables + it.seq * P.table_stride, 0, ctx, rows);
+  float* s = S.s.data();
+  T* hp = reinterpret_cast<T*>(s + heads * stride);
+
+  for (int64_t k0 = 0; k0 < ctx; k0 += W) {
+    const int64_t n = std::min<int64_t>(W, ctx - k0);
+    const int64_t ahead = std::clamp<int64_t>(ctx - k0 - AHEAD, 0, n);
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t g = 0; g < G;) {
+        const int64_t i = (h - h0) * G + g;
+        g += with_rows<R>(G - g, [&]<int RR>() {
+          decode_scores_dp<NB, RR>(kc, rows + k0, n, h * d, hq + i * d, d, P.scale, s + i * stride + k0, stride, ahead);
+        });
+      }
+  }
+  float* inv = S.q.data();  // q is spent: reuse it for the rows' 1 / sum
+  for (int64_t i = 0; i < heads; ++i) {
+    float m;
+    float* si = s + i * stride;
+    inv[i] = 1.0f / exp_row(si, ctx, m);  // zero past ctx up to stride
+    for (int64_t j = 0; j < stride; j += W)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(hp + i * stride + j),
+                          reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(si + j))));
+  }
+  for (int64_t k0 = 0; k0 < ctx; k0 += W) {
+    const int64_t n = std::min<int64_t>(W, ctx - k0);
+    const int64_t ahead = std::clamp<int64_t>(ctx - k0 - AHEAD, 0, n);
+    for (int64_t h = h0; h < h1; ++h)
+      for (int64_t g = 0; g < G;) {
+        const int64_t i = (h - h0) * G + g;
+        g += with_rows<R>(G - g, [&]<int RR>() {
+          decode_values_dp<NB, RR>(vc, rows + k0, n, h * d, hp + i * stride + k0, stride, S.acc.data() + i * d, d, ahead);
+        });
+      }
+  }
+  // acc vector 2b holds, in lane 4L + k, dimension 32b + 8L + k; vector 2b + 1 dimension 32b + 8L + 4 + k
+  T* out = static_cast<T*>(P.out) + row * P.out_token_stride;
+  for (int64_t i = 0; i < heads; ++i) {
+    const float* a = S.acc.data() + i * d;
+    T* o = out + (h0 * G + i) * P.out_head_stride;
+    for (int b = 0; b < NB; ++b)
+      for (int half = 0; half < 2; ++half)
+        for (int lane = 0; lane < W; ++lane)
+          o[32 * b + 8 * (lane / 4) + 4 * half + lane % 4] = T(a[(2 * b + half) * W + lane] * inv[i]);
+  }
+}
+#endif
+
 template <typename T, int NVC>
 void attend(const Problem& P, const Item& it, Scratch& S) {
+#ifdef __AVX512BF16__
+  if constexpr (std::is_same_v<T, c10::BFloat16> && NVC > 0 && NVC % 2 == 0)
+    if (P.dp_decode && P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode_dp<NVC / 2>(P, it, S);
+#endif
   if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode<T, NVC>(P, it, S);
 #ifdef __AVX512BF16__
   if constexpr (std::is_same_v<T, c10::BFloat16> && NVC > 0 && NVC % 2 == 0) return prefill_dp<NVC / 2>(P, it, S);
@@ -719,7 +847,7 @@ void check_int32(const at::Tensor& x, const char* name, int64_t dims) {
 void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                      const at::Tensor& kv_cache, const at::Tensor& slot_mapping, const at::Tensor& block_tables,
                      const at::Tensor& query_start, const at::Tensor& context_lens, double scale,
-                     bool decode_only) {
+                     bool decode_only, bool dp_decode) {
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, num_blocks, block_size, kv_heads, head_dim] tensor");
   const auto dtype = kv_cache.scalar_type();
@@ -774,7 +902,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
   Problem P{q.const_data_ptr(), out.data_ptr(), key_cache.const_data_ptr(), value_cache.const_data_ptr(),
             block_tables.const_data_ptr<int32_t>(), query_start.const_data_ptr<int32_t>(),
             context_lens.const_data_ptr<int32_t>(), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-            block_tables.stride(0), kv_cache.size(2), kv_heads, q.size(1) / kv_heads, d, float(scale)};
+            block_tables.stride(0), kv_cache.size(2), kv_heads, q.size(1) / kv_heads, d, float(scale), dp_decode};
   const std::vector<Item> items = make_items(P, num_seqs, at::get_num_threads(), decode_only);
   const int64_t n = int64_t(items.size());
   std::atomic<int64_t> next{0};
@@ -796,7 +924,8 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
 TORCH_LIBRARY(nimbus, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor(b!) kv_cache, Tensor slot_mapping, "
-      "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, bool decode_only=False) -> ()");
+      "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, bool decode_only=False, "
+      "bool dp_decode=False) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(nimbus, CPU, m) { m.impl("paged_attention", &paged_attention); }
