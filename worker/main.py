@@ -82,6 +82,7 @@ class Worker:
         )
 
     def run(self) -> int:
+        freeze_heap()
         beat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
         beat.start()
         last_hello = -HELLO_RETRY_S
@@ -159,6 +160,7 @@ class Worker:
         self.state = "loading"
         # free the old weights and KV pool before allocating new ones: both at once may not fit
         self.executor, self.model_name, self.model_version = None, "", ""
+        gc.unfreeze()  # the old model's objects are in the frozen generation: collectable again
         gc.collect()
         started = time.monotonic()
         try:
@@ -170,6 +172,7 @@ class Worker:
             return False
         executor.incarnation = self.incarnation
         self.executor, self.faults = executor, faults
+        freeze_heap()
         self.model_name, self.model_version = msg.model, msg.version
         self.state = "ready"
         log.info("loaded %s as version %r in %.1fs", msg.model, msg.version, time.monotonic() - started)
@@ -233,6 +236,15 @@ class Worker:
                     self.stop.set()
         finally:
             sock.close()
+
+
+def freeze_heap() -> None:
+    """Moves every object alive now (torch's modules and the model's: about 170,000) out of the collector's
+    reach. A full collection walked them all in about 90 ms, and the step it landed in waited that long; what the
+    steps allocate afterwards is still collected."""
+    gc.collect()
+    gc.freeze()
+    log.info("froze %d objects out of garbage collection", gc.get_freeze_count())
 
 
 Loader = Callable[[Load, str], tuple["StepExecutor | NullExecutor", Faults]]
