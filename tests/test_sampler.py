@@ -364,3 +364,31 @@ def test_in_place_sampling_picks_the_same_and_only_writes_the_bans() -> None:
     assert (logits[:, 2] == -math.inf).all() and torch.allclose(logits[:, 5], copy[:, 5] + 0.5)
     others = [i for i in range(50) if i not in (2, 5)]
     assert torch.equal(logits[:, others], copy[:, others])
+
+
+def test_bfloat16_logits_pick_what_their_float32_widening_picks() -> None:
+    """A bfloat16 model's logits: greedy rows with bans are picked from the bfloat16 values (ties included, as
+    rounding makes them common), everything else from float32 copies; the caller's tensor is only banned into."""
+    g = torch.Generator().manual_seed(5)
+    logits = (torch.randn(8, 300, generator=g) * 4).to(torch.bfloat16)
+    logits[:, 7] = logits.max()  # the stop id ties with the largest value in every row
+    history = [[1, 2, 3]] * 8
+    cases = [
+        [Params(temperature=0.0, min_tokens=5, stop_token_ids=(7,))] * 8,  # the bfloat16 path
+        [Params(temperature=0.0, logit_bias={3: 2.0})] * 8,  # bias: widened first
+        [Params(temperature=0.0, logprobs=2)] * 8,
+        [Params(temperature=0.0, repetition_penalty=1.3)] * 8,
+        [Params(temperature=0.8, seed=11)] * 8,
+    ]
+    for params in cases:
+        def batch(params=params):  # fresh for each call: a seeded row's generator advances as it draws
+            return SamplingBatch.build(params, history, [1] * 8, CPU, 300)
+
+        copy = logits.clone()
+        want = sample(logits.float(), batch())
+        got = sample(logits, batch(), inplace=True)
+        assert torch.equal(got.token_ids, want.token_ids), params[0]
+        if want.logprobs is not None:
+            assert torch.equal(got.logprobs, want.logprobs)
+        changed = (logits != copy) & ~(torch.isinf(logits) & (logits < 0))
+        assert not changed.any()  # at most the bans were written

@@ -48,7 +48,7 @@ class StepExecutor:
                   for _, s, n in batch]
         sampling_rows = [i for i, (_, s, n) in enumerate(batch) if s.num_computed + n == len(s.token_ids)]
         # Always run the pass: a step of prefill chunks only samples nothing but must still write K/V.
-        logits = self.runner.forward(chunks, sampling_rows)
+        logits = self.runner.forward(chunks, sampling_rows, float_logits=False)
         for _, state, n in batch:
             state.num_computed += n
         if not sampling_rows:

@@ -259,8 +259,10 @@ class CausalLM(nn.Module):
         meta: AttentionMetadata,
         attention: AttentionBackend,
         logits_indices: torch.Tensor,
+        float_logits: bool = True,
     ) -> torch.Tensor:
-        """Returns float32 logits [len(logits_indices), vocab] for the chosen rows of the flattened batch."""
+        """Returns logits [len(logits_indices), vocab] for the chosen rows of the flattened batch: float32, or
+        with `float_logits=False` as the LM head computed them (the model dtype)."""
         hidden = F.embedding(input_ids, self.embed)
         rope = self.rotary.tables(positions)
         residual = None
@@ -270,7 +272,8 @@ class CausalLM(nn.Module):
         assert residual is not None, "a model has at least one layer"
         hidden, _ = self.ops.add_rms_norm(hidden[logits_indices], residual[logits_indices], self.norm.weight,
                                           self.norm.eps)
-        return self.head_proj(hidden).float()
+        logits = self.head_proj(hidden)
+        return logits.float() if float_logits else logits
 
     def pack_weights(self) -> bool:
         """Repacks every projection and the LM head for the CPU kernels where that pays (worker/linear.py: oneDNN in

@@ -109,8 +109,10 @@ class ModelRunner:
             )
         return int(blocks)
 
-    def forward(self, chunks: Sequence[SeqChunk], logits_rows: Sequence[int] | None = None) -> torch.Tensor:
-        """Runs one step; returns float32 logits for the last token of each chunk (or of `logits_rows`).
+    def forward(self, chunks: Sequence[SeqChunk], logits_rows: Sequence[int] | None = None,
+                float_logits: bool = True) -> torch.Tensor:
+        """Runs one step; returns float32 logits for the last token of each chunk (or of `logits_rows`), or with
+        `float_logits=False` the LM head's own (model dtype: the sampler widens them only when it needs to).
 
         `logits_rows` indexes chunks; a chunk's logits are those of its last token."""
         ids: list[int] = []
@@ -136,4 +138,5 @@ class ModelRunner:
             meta,
             self.attention,
             torch.tensor(rows, dtype=torch.int64, device=dev),
+            float_logits,
         )

@@ -140,8 +140,14 @@ class SampleOutput:
 
 
 def sample(logits: torch.Tensor, batch: SamplingBatch, inplace: bool = False) -> SampleOutput:
-    """Pick one token per row from float32 logits [B, V]. The caller's tensor is modified only with `inplace`
-    (the executor's logits are its own: banning min_tokens' stop ids out of place copied the whole batch)."""
+    """Pick one token per row from logits [B, V]. The caller's tensor is modified only with `inplace` (the
+    executor's logits are its own: banning min_tokens' stop ids out of place copied the whole batch).
+
+    Logits in a narrower dtype (a bfloat16 model's LM head) are widened to float32 first, except for greedy
+    batches that only ban tokens: their argmax over the narrow values is the one over the widened ones, since
+    widening is exact and keeps the order, and skipping it saved ~0.9 ms a decode step at batch 64."""
+    if logits.dtype != torch.float32 and not _greedy_bans_only(batch):
+        logits, inplace = logits.float(), True
     logits = _process(logits, batch, inplace)
     token_ids = argmax_rows(logits)
     if not batch.all_greedy:
@@ -155,6 +161,11 @@ def sample(logits: torch.Tensor, batch: SamplingBatch, inplace: bool = False) ->
     chosen = logprobs.gather(1, token_ids.unsqueeze(1)).squeeze(1)
     top = logprobs.topk(batch.num_logprobs, dim=-1)  # sorted descending
     return SampleOutput(token_ids, chosen, top.indices, top.values)
+
+
+def _greedy_bans_only(batch: SamplingBatch) -> bool:
+    return (batch.all_greedy and batch.num_logprobs is None and batch.bias_index is None
+            and batch.repetition_penalty is None and batch.output_counts is None)
 
 
 def _process(logits: torch.Tensor, batch: SamplingBatch, inplace: bool = False) -> torch.Tensor:
