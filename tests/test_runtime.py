@@ -120,6 +120,41 @@ def test_executor_greedy_matches_transformers(tiny):
     assert [len(v) for v in out.values()] == [11, 10, 11]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_executor_bans_and_biases_on_the_models_own_logits(tiny, dtype):
+    """min_tokens' bans and logit_bias go through the executor (in place on the step's own logits, which the
+    model made in inference mode; bfloat16 ones unwidened where greedy only bans)."""
+    _, fp32_runner = tiny
+    runner = fp32_runner if dtype == torch.float32 else ModelRunner(
+        fp32_runner.folder, device="cpu", dtype=dtype, kv_cache_bytes=2 * 1024 * 1024, block_size=BLOCK)
+    executor = StepExecutor(runner, worker_id="w0")
+    favourite = 9
+    params = [
+        SamplingParams(temperature=0.0, logit_bias={favourite: 100.0}),  # forced every time
+        SamplingParams(temperature=0.0, logit_bias={favourite: 100.0}, min_tokens=3, stop_token_ids=(favourite,)),
+        SamplingParams(temperature=0.0, min_tokens=4, stop_token_ids=(favourite,)),  # banned, greedy: narrow path
+        SamplingParams(temperature=0.7, seed=3, logit_bias={favourite: 100.0}),  # random rows widen
+    ]
+    blocks = Blocks(runner.num_blocks)
+    tables = [[] for _ in params]
+    for table in tables:
+        blocks.cover(table, 4 + 6)
+    new = tuple(NewSequence(seq_id=i, token_ids=pack_ints([5, 6, 7, 8]), num_prompt_tokens=4, num_computed_tokens=0,
+                            block_ids=pack_ints(t), sampling=p) for i, (p, t) in enumerate(zip(params, tables)))
+    ids = pack_ints(range(len(params)))
+    steps = [Step(step_id=0, new_seqs=new, seq_ids=ids, num_tokens=pack_ints([4] * len(params)))]
+    steps += [Step(step_id=k, seq_ids=ids, num_tokens=pack_ints([1] * len(params))) for k in range(1, 5)]
+    out: dict[int, list[int]] = {i: [] for i in range(len(params))}
+    for step in steps:
+        result = executor.execute(step)
+        for sid, tok in zip(unpack_ints(result.seq_ids), unpack_ints(result.token_ids)):
+            out[sid].append(tok)
+    assert out[0] == [favourite] * 5
+    assert favourite not in out[1][:3] and out[1][3:] == [favourite] * 2
+    assert favourite not in out[2][:4]
+    assert out[3] == [favourite] * 5
+
+
 def test_executor_rejects_bad_steps_and_changes_nothing(tiny):
     _, runner = tiny
     executor = StepExecutor(runner)

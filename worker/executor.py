@@ -12,7 +12,7 @@ import torch
 
 from protocol.messages import SamplingParams, Step, StepResult, pack_floats, pack_ints, unpack_ints
 from worker.runner import ModelRunner, SeqChunk
-from worker.sampler import SamplingBatch, sample
+from worker.sampler import SampleOutput, SamplingBatch, sample
 
 
 class StepError(ValueError):
@@ -54,17 +54,21 @@ class StepExecutor:
         if not sampling_rows:
             return self._result(step.step_id, [], [], None, t0)
         samplers = [batch[i] for i in sampling_rows]
-        out = sample(logits, SamplingBatch.build(
+        with torch.inference_mode():  # the logits are inference tensors: sampling writes into them
+            out = self._sample(logits, samplers)
+        tokens = out.token_ids.tolist()
+        for (_, state, _), token in zip(samplers, tokens):
+            state.token_ids.append(token)
+        return self._result(step.step_id, [sid for sid, _, _ in samplers], tokens, (samplers, out), t0)
+
+    def _sample(self, logits: torch.Tensor, samplers: list[tuple[int, SeqState, int]]) -> SampleOutput:
+        return sample(logits, SamplingBatch.build(
             [s.sampling for _, s, _ in samplers],
             [s.token_ids for _, s, _ in samplers],
             [s.num_prompt_tokens for _, s, _ in samplers],
             logits.device,
             self.runner.config.vocab_size,
         ), inplace=True)  # the logits are this step's own
-        tokens = out.token_ids.tolist()
-        for (_, state, _), token in zip(samplers, tokens):
-            state.token_ids.append(token)
-        return self._result(step.step_id, [sid for sid, _, _ in samplers], tokens, (samplers, out), t0)
 
     def _apply(self, step: Step) -> list[tuple[int, SeqState, int]]:
         """Validates the whole step against the current state, then applies it (all or nothing)."""
