@@ -543,6 +543,19 @@ inline void score_block_dp(const c10::BFloat16* q, int64_t d, const c10::BFloat1
   for (int r = 0; r < R; ++r) _mm512_storeu_ps(s + r * s_stride, _mm512_mul_ps(a[r], _mm512_set1_ps(scale)));
 }
 
+// a[r] += the interleaved value rows vv of keys j and j + 1, weighted by row r's pair of weights at p + r * stride
+// (zero past what the row sees: its weights are padded with zeros)
+template <int NB, int R>
+inline void accumulate_pair(__m512 (&a)[R][2 * NB], const __m512bh (&vv)[2 * NB], const c10::BFloat16* p,
+                            int64_t p_stride) {
+  for (int r = 0; r < R; ++r) {
+    int32_t pair;
+    std::memcpy(&pair, p + r * p_stride, sizeof pair);
+    const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+    for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_dpbf16_ps(a[r][b], vv[b], w);
+  }
+}
+
 template <int NB, int R>
 inline void value_block_dp(const c10::BFloat16* p, int64_t p_stride, const c10::BFloat16* v2, int64_t nk,
                            float* acc, int64_t d) {
@@ -552,12 +565,7 @@ inline void value_block_dp(const c10::BFloat16* p, int64_t p_stride, const c10::
   for (int64_t j = 0; j < nk; j += 2) {
     __m512bh vv[2 * NB];
     for (int b = 0; b < 2 * NB; ++b) vv[b] = load32bh(v2 + (j / 2 * 2 * NB + b) * 32);
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;  // the weights of keys j and j + 1 (zero past the row's visible keys)
-      std::memcpy(&pair, p + r * p_stride + j, sizeof pair);
-      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_dpbf16_ps(a[r][b], vv[b], w);
-    }
+    accumulate_pair<NB, R>(a, vv, p + j, p_stride);
   }
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < 2 * NB; ++b) _mm512_storeu_ps(acc + r * d + b * W, a[r][b]);
@@ -708,12 +716,7 @@ inline void decode_values_dp(const c10::BFloat16* vc, const int64_t* rows, int64
       vv[2 * b] = reinterpret_cast<__m512bh>(_mm512_unpacklo_epi16(x, y));
       vv[2 * b + 1] = reinterpret_cast<__m512bh>(_mm512_unpackhi_epi16(x, y));
     }
-    for (int r = 0; r < R; ++r) {
-      int32_t pair;  // the weights of keys j and j + 1 (zero past the context: the rows are padded)
-      std::memcpy(&pair, p + r * p_stride + j, sizeof pair);
-      const __m512bh w = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
-      for (int b = 0; b < 2 * NB; ++b) a[r][b] = _mm512_dpbf16_ps(a[r][b], vv[b], w);
-    }
+    accumulate_pair<NB, R>(a, vv, p + j, p_stride);
   }
   for (int r = 0; r < R; ++r)
     for (int b = 0; b < 2 * NB; ++b) _mm512_storeu_ps(acc + r * d + b * W, a[r][b]);
