@@ -4,10 +4,17 @@ chained hashes, and a free queue that is also the LRU eviction order. The worker
 from __future__ import annotations
 
 import hashlib
+import struct
 from array import array
 from collections.abc import Sequence
+from functools import lru_cache
 
 ROOT_DIGEST = b""  # the parent of a sequence's first block
+
+
+@lru_cache(maxsize=8)
+def _int32s(count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}i")
 
 
 def block_digest(parent: bytes, token_ids: Sequence[int]) -> bytes:
@@ -15,10 +22,11 @@ def block_digest(parent: bytes, token_ids: Sequence[int]) -> bytes:
 
     128 bits are enough to trust a match without comparing tokens: by the birthday bound, a replica that
     hashed 10^12 blocks in its lifetime would see a collision with probability about 10^-15, far below the
-    rate of undetected hardware memory errors. blake2b is stable across processes (unlike hash() of a
-    tuple, which is salted per process), so digests could later be shared between daemons.
+    rate of undetected hardware memory errors. blake2b over little-endian int32 ids is stable across processes
+    and machines (unlike hash() of a tuple, which is salted per process), so digests could later be shared
+    between daemons.
     """
-    return hashlib.blake2b(parent + array("i", token_ids).tobytes(), digest_size=16).digest()
+    return hashlib.blake2b(parent + _int32s(len(token_ids)).pack(*token_ids), digest_size=16).digest()
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -168,7 +176,9 @@ class BlockManager:
 
     def commit_full_blocks(self, seq_id: int, token_ids: Sequence[int], num_computed: int) -> None:
         """Cache the blocks filled by the first num_computed tokens (prompt or generated) so later
-        sequences can reuse them. Call only once their KV has been computed."""
+        sequences can reuse them. Call once their KV is computed, or once the step computing it is built:
+        a sequence sharing them then runs in that step or a later one, and the worker writes a step's K/V
+        before any of its attention reads."""
         if not self.enable_prefix_caching:
             return
         table, chain = self._tables[seq_id], self._chains[seq_id]
@@ -205,9 +215,12 @@ class BlockManager:
 
     def _pop_free(self, count: int) -> list[int]:
         blocks = []
+        nxt, prev, end = self._next, self._prev, self.num_blocks
         for _ in range(count):
-            block = self._ids[self._next[self.num_blocks]]  # the head: least recently freed
-            self._dequeue(block)
+            block = self._ids[nxt[end]]  # the head: least recently freed
+            after = nxt[block]  # _dequeue, inline: a decode step pops a block for every 16th sequence or so
+            nxt[end], prev[after] = after, end
+            self._num_free -= 1
             digest = self._digest[block]
             if digest is not None:  # evicted: its content is about to be overwritten
                 del self._cached[digest]

@@ -52,9 +52,9 @@ class RequestStream:
 
     def __init__(self, num_choices: int) -> None:
         self._pending: dict[int, Delta] = {}  # choice index -> everything it produced since the last read
-        # (choice index, ids, its detokenizer): each choice's ordinary tokens arrive as bare ids, turned into
-        # text when the reader reads (one decode for all the tokens since its last read, not one per step)
-        self._raw: list[tuple[int, list[int], IncrementalDetokenizer]] = []
+        # each choice's ordinary tokens are read from its sequence's own output list and turned into text
+        # when the reader reads (one decode for all the tokens since its last read, not one per step)
+        self._sources: list[Source] = []
         self._waiter: asyncio.Future[None] | None = None
         self.unfinished = num_choices
         self.error: str | None = None
@@ -81,20 +81,19 @@ class RequestStream:
         if finish_reason is not None:
             held.finish_reason = finish_reason
 
-    def attach(self, index: int, detok: IncrementalDetokenizer) -> list[int]:
-        """The list the step loop appends a choice's ordinary token ids to (no logprobs, no end, no stop
-        strings to check: their text needs nothing now). `settle` or a read turns them into text, in order,
-        with the choice's detokenizer, which nothing else may use meanwhile."""
-        ids: list[int] = []
-        self._raw.append((index, ids, detok))
-        return ids
+    def attach(self, index: int, ids: list[int], detok: IncrementalDetokenizer) -> Source:
+        """Read a choice's ordinary tokens from `ids`, its sequence's output list, which only grows: a read
+        turns the ids past the source's mark into text with the choice's detokenizer, which nothing else may
+        use meanwhile. The step loop moves the mark itself past tokens it pushes (`Source.settle`)."""
+        source = Source(index, ids, detok, len(ids))
+        self._sources.append(source)
+        return source
 
     def settle(self) -> None:
-        """Turn the attached ids into text now (before anything else is pushed for their choice)."""
-        for index, ids, detok in self._raw:
-            if ids:
-                self.push(index, detok.add(ids), ids)
-                ids.clear()
+        """Turn every choice's unread ids into text now."""
+        for source in self._sources:
+            if len(source.ids) > source.read:
+                source.settle(self, len(source.ids))
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -128,6 +127,22 @@ class RequestStream:
 
 
 @dataclass(slots=True)
+class Source:
+    """Where a stream reads one choice's tokens: its sequence's output ids, read up to `read`."""
+
+    index: int
+    ids: list[int]
+    detok: IncrementalDetokenizer
+    read: int
+
+    def settle(self, stream: RequestStream, upto: int) -> None:
+        """Push the text of ids[read:upto] to the stream (without waking it)."""
+        part = self.ids[self.read : upto]
+        self.read = upto
+        stream.push(self.index, self.detok.add(part), part)
+
+
+@dataclass(slots=True)
 class Track:
     """Per-sequence output state kept beside the scheduler's Sequence; it moves with the sequence."""
 
@@ -140,13 +155,18 @@ class Track:
     created: float = field(default_factory=time.monotonic)  # the request's arrival
     first_scheduled: float | None = None
     first_token: float | None = None
+    # its latest token's time; while its sequence is in the replica's cohort the replica knows a later one
+    # (Replica.cohort_time), written here when the sequence leaves the cohort
     last_token: float | None = None
-    worker_id: str = ""  # where its last token came from (for the request log)
+    worker_id: str = ""  # the worker that holds it, or held it last (for the request log)
     version: str = ""  # the model version of the replica that holds it
-    raw: list[int] = field(init=False)  # ordinary tokens not turned into text yet (RequestStream.attach)
+    source: Source = field(init=False)  # where its stream reads its ordinary tokens (RequestStream.attach)
+    # its tokens take the eager path every step (their text is checked, or carries logprobs)
+    eager: bool = field(init=False)
 
     def __post_init__(self) -> None:
-        self.raw = self.stream.attach(self.index, self.detok)
+        self.source = self.stream.attach(self.index, self.seq.output_token_ids, self.detok)
+        self.eager = self.stops is not None or self.seq.sampling.logprobs is not None
 
 
 class WorkerFailed(Exception):
@@ -187,6 +207,11 @@ class Replica:
         self.scheduler = Scheduler(config, hello.num_blocks, hello.block_size, hello.max_model_len)
         self.incarnation = incarnation
         self.tracks: dict[int, Track] = {}
+        self.num_eager = 0  # tracks held that are eager (Track.eager)
+        # The sequences of the step emitted last, all of which produced a token at cohort_time. A step that
+        # samples the same sequences again (most steps) is applied without touching each track: see _emit_all.
+        self.cohort: list[Sequence] = []
+        self.cohort_time = 0.0
         self.wake = asyncio.Event()
         self.flights: deque[InFlight] = deque()  # the steps sent and not yet answered, oldest first
         self.last_heartbeat = time.monotonic()
@@ -224,15 +249,28 @@ class Replica:
         self.metrics = m.for_replica(deployment, version, self.worker_id) if m is not None and replica_id else None
 
     def add(self, track: Track) -> None:
-        track.version = self.labels[1]
-        self.tracks[track.seq.seq_id] = track
+        track.version, track.worker_id = self.labels[1], self.worker_id
         self.scheduler.add(track.seq)
+        self.tracks[track.seq.seq_id] = track
+        self.num_eager += track.eager
         self.wake.set()
 
     def abort(self, seq_id: int) -> None:
-        if self.tracks.pop(seq_id, None) is not None:
+        if seq_id in self.tracks:
+            self._leave_cohort()
+            self.num_eager -= self.tracks.pop(seq_id).eager
             self.scheduler.abort(seq_id)
             self.wake.set()
+
+    def _leave_cohort(self) -> None:
+        """Write the cohort's token time into its tracks (before a step that is not the cohort's, or before
+        tracks leave), and start a new cohort."""
+        tracks, when = self.tracks, self.cohort_time
+        for seq in self.cohort:
+            track = tracks.get(seq.seq_id)
+            if track is not None:
+                track.last_token = when
+        self.cohort = []
 
     def on_result(self, msg: StepResult | Error) -> None:
         flight = next((f for f in self.flights if f.plan.step.step_id == msg.step_id), None)
@@ -254,6 +292,7 @@ class Replica:
         """The worker is gone: stop the loop and hand back every track (blame goes to the steps in flight,
         once per sequence however many of them it was in)."""
         self.alive = False
+        self._leave_cohort()
         blamed = {seq_id for flight in self.flights for seq_id in flight.plan.scheduled}
         for seq_id in blamed:
             if seq_id in self.tracks:
@@ -269,11 +308,12 @@ class Replica:
             self.task.cancel()
         tracks = list(self.tracks.values())
         self.tracks.clear()
+        self.num_eager = 0
         return tracks
 
     async def run(self, on_step_error) -> None:
         loop = asyncio.get_running_loop()
-        unwoken: set[RequestStream] = set()  # streams holding output their readers were not woken for yet
+        unwoken = False  # some stream holds output its reader was not woken for yet
         woken_at = 0.0
         flights, scheduler = self.flights, self.scheduler
         depth = scheduler.config.max_steps_in_flight
@@ -291,7 +331,9 @@ class Replica:
                         return
                     continue  # build the next step while the worker computes this one
                 if not flights:
-                    _wake_all(unwoken)
+                    if unwoken:
+                        self._wake_all()
+                        unwoken = False
                     self.wake.clear()
                     await self.wake.wait()
                     continue
@@ -317,12 +359,17 @@ class Replica:
                     m.batch_tokens.observe(done.num_batched_tokens)
                     if done.preempted_seq_ids:
                         m.preemptions.inc(len(done.preempted_seq_ids))
-                self._emit_all(updates, now, unwoken)
+                unwoken |= self._emit_all(updates, now)
                 if unwoken and now - woken_at >= min(MAX_WAKE_INTERVAL_S, WAKE_INTERVAL_PER_STREAM_S * len(self.tracks)):
-                    _wake_all(unwoken)
-                    woken_at = now
+                    self._wake_all()
+                    unwoken, woken_at = False, now
         finally:
-            _wake_all(unwoken)
+            self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Wake every stream this replica feeds (a reader with nothing new waits again)."""
+        for track in self.tracks.values():
+            track.stream.wake()
 
     def _scheduled(self, plan: StepPlan, now: float) -> None:
         for new in plan.step.new_seqs:  # a sequence is first scheduled when it is admitted
@@ -332,47 +379,61 @@ class Replica:
                 if self.metrics is not None:
                     self.metrics.queue.observe(now - track.created)
 
-    def _emit_all(self, out: StepOutput, now: float, unwoken: set[RequestStream]) -> None:
-        """Apply one step's output to its tracks and streams; token metrics are observed once per step."""
+    def _emit_all(self, out: StepOutput, now: float) -> bool:
+        """Apply one step's output to its tracks and streams; token metrics are observed once per step.
+        Returns whether some stream got output its reader was not woken for (it reads it at the next wake-up)."""
         m = self.metrics
-        tracks, worker_id, logprobs = self.tracks, self.worker_id, out.logprobs
+        seqs = out.seqs
+        if not self.num_eager and not out.num_finished and seqs == self.cohort:
+            # The usual step: the same sequences as the last one, all ordinary tokens. Their streams read the
+            # new ids from the sequences themselves, and each token's latency is the time since that step.
+            if m is not None and seqs:
+                m.generation_tokens.inc(len(seqs))
+                observe_many(m.itl, now - self.cohort_time, len(seqs))
+            self.cohort, self.cohort_time = list(seqs), now
+            return bool(seqs)
+        self._leave_cohort()
+        tracks, logprobs = self.tracks, out.logprobs
         lasts: list[float] = []  # each token's previous token time (a step's sequences mostly share one)
+        unwoken = False
         num_tokens = 0
-        for seq, token in zip(out.seqs, out.tokens):  # inline: this runs for every sequence of every step
+        for seq, token in zip(seqs, out.tokens):  # inline: this runs for every sequence of some steps
             track = tracks.get(seq.seq_id)
             if track is None:
                 continue
             num_tokens += 1
             last = track.last_token
             track.last_token = now
-            track.worker_id = worker_id
             if last is None:  # its first token
                 track.first_token = now
                 if m is not None:
                     m.ttft.observe(now - track.created)
                     m.prefill.observe(now - (track.first_scheduled or track.created))
-                self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, True, unwoken)
+                self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, True)
                 continue
             lasts.append(last)
-            if track.stops is not None or seq.finish_reason is not None or (logprobs and seq.seq_id in logprobs):
-                self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, False, unwoken)
-                continue
-            # the usual token: its id to the stream, made text when the reader reads
-            track.raw.append(token)
-            unwoken.add(track.stream)
+            if track.eager or seq.finish_reason is not None:
+                unwoken |= self._emit(track, token, logprobs.get(seq.seq_id) if logprobs else None, False)
+            else:
+                unwoken = True  # the usual token: its stream reads its id from the sequence
+        self.cohort, self.cohort_time = [s for s in seqs if s.seq_id in tracks], now  # finished ones left
         if m is not None:
             if num_tokens:
                 m.generation_tokens.inc(num_tokens)
             for last, count in Counter(lasts).items():
                 observe_many(m.itl, now - last, count)
+        return unwoken
 
-    def _emit(self, track: Track, token: int, logprob: Logprob | None, first: bool,
-              unwoken: set[RequestStream]) -> None:
+    def _emit(self, track: Track, token: int, logprob: Logprob | None, first: bool) -> bool:
+        """The eager path of one token (the sequence's latest output): returns whether its stream waits for the
+        next wake-up (False: it was woken now)."""
         seq = track.seq
         finished = seq.finish_reason is not None  # by the step (a stop token, or a length limit)
-        stream = track.stream
-        if track.raw:  # earlier tokens' text first
-            stream.settle()
+        stream, source = track.stream, track.source
+        latest = len(seq.output_token_ids) - 1  # where `token` is in the output
+        if source.read < latest:  # earlier tokens' text first
+            source.settle(stream, latest)
+        source.read = latest + 1
         text = track.detok.add((token,))
         finish = seq.finish_reason
         if finished:
@@ -391,16 +452,12 @@ class Replica:
         stream.push(track.index, text, [token], entries, finish)
         if finish is not None:
             del self.tracks[seq.seq_id]
+            self.num_eager -= track.eager
             if self.metrics is not None:
                 self.metrics.e2e.observe(time.monotonic() - track.created)
             stream.wake()
-        elif first:  # the first token and the end go out at once; the rest at the next wake-up
+            return False
+        if first:  # the first token and the end go out at once; the rest at the next wake-up
             stream.wake()
-        else:
-            unwoken.add(stream)
-
-
-def _wake_all(streams: set[RequestStream]) -> None:
-    for stream in streams:
-        stream.wake()
-    streams.clear()
+            return False
+        return True

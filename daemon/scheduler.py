@@ -14,7 +14,6 @@ from daemon.blocks import BlockManager
 from protocol.messages import (
     INT32_MAX,
     MAX_ITEMS,
-    BlockAppend,
     NewSequence,
     SamplingParams,
     Step,
@@ -25,6 +24,10 @@ from protocol.messages import (
 )
 
 _is_suspect = operator.attrgetter("suspect")
+_ONE = pack_ints([1])
+# A decoding sequence whose table is about to run out takes this many KV blocks at once while blocks are plentiful,
+# so it leaves the steady path (Sequence.steady_until) once in that many blocks rather than at every one.
+DECODE_BLOCKS_AHEAD = 4
 # One sampled token's logprob, then the top alternatives (token id, logprob), best first.
 Logprob = tuple[float, list[tuple[int, float]]]
 
@@ -97,6 +100,11 @@ class Sequence:
     # set by Scheduler.add: output tokens at most on that scheduler (max_tokens, or fewer where the context
     # limit comes first), so the per-token "length" check is one comparison
     output_limit: int = 0
+    # Scheduler-private: while num_computed_tokens is below this, the sequence's next step is a plain decode
+    # (one token, sampled, within its KV blocks, not its last, no logprobs), which schedule() does in a few
+    # operations. Set by the general path when it leaves the sequence decoding; 0 (the general path every
+    # step) whenever its state changes any other way.
+    steady_until: int = field(default=0, repr=False)
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -123,7 +131,8 @@ class TokenIds:
         return len(self.prompt) + len(self.output)
 
     def __getitem__(self, where: slice) -> list[int]:
-        start, stop, _ = where.indices(len(self))
+        """`where` is [start:stop] with 0 <= start <= stop <= len(self) (a block's span)."""
+        start, stop = where.start, where.stop
         p = len(self.prompt)
         if stop <= p:
             return self.prompt[start:stop]
@@ -144,8 +153,6 @@ class StepPlan:
     # sample_seqs' ids packed as a StepResult's seq_ids: the usual answer, recognised with one comparison
     packed_sample_ids: bytes = b""
     asks_logprobs: bool = False  # some sampling sequence wants logprobs
-    # sequences whose step fills a KV block, with the tokens computed once the step is done
-    filled: list[tuple[Sequence, int]] = field(default_factory=list)
     num_batched_tokens: int = 0
     # a sequence was aborted or finished while this plan was in flight: update() must skip whoever is no
     # longer running (a finished sequence's token from a later step is discarded, never counted)
@@ -172,6 +179,7 @@ class StepOutput:
     seqs: Seq[Sequence] = ()
     tokens: Seq[int] = ()
     logprobs: dict[int, Logprob] = field(default_factory=dict)
+    num_finished: int = 0  # how many of seqs this step finished
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -211,6 +219,12 @@ class Scheduler:
         self._in_flight: deque[StepPlan] = deque()  # oldest first
         self._next_step_id = 0
         self._next_arrival = 0
+        # Some sequence here may be suspect (one came in, or the worker failed and the engine marked some):
+        # while this holds, every step looks for them. Cleared once none is left.
+        self._maybe_suspect = False
+        self._last_batch: tuple[list[Sequence], bytes] = ([], b"")  # the last plan's seqs and their packed ids
+        # blocks kept free beyond DECODE_BLOCKS_AHEAD per running sequence before a decode takes blocks ahead
+        self._reserve_blocks = -(-config.max_num_batched_tokens // block_size)
 
     # ----------------------------------------------------------------------------------- queries
     @property
@@ -256,9 +270,10 @@ class Scheduler:
         if len(seq.output_token_ids) >= seq.max_tokens:
             raise ValueError(f"max_tokens {seq.max_tokens} already reached")
         seq.status, seq.num_computed_tokens, seq.arrival = SequenceStatus.WAITING, 0, self._next_arrival
-        seq.num_pending_tokens = 0  # moved off a dead worker: what its steps in flight sampled is lost
+        seq.num_pending_tokens = seq.steady_until = 0  # moved off a dead worker: what its steps sampled is lost
         seq.output_limit = min(seq.max_tokens, self.max_seq_len - len(seq.prompt_token_ids))
         self._next_arrival += 1
+        self._maybe_suspect |= seq.suspect
         self.waiting.append(seq)
         self._live[seq.seq_id] = seq
 
@@ -286,6 +301,7 @@ class Scheduler:
         harmless)."""
         later = [new.seq_id for plan in list(self._in_flight)[1:] for new in plan.step.new_seqs]
         self._in_flight.clear()
+        self._maybe_suspect = True  # the caller marks the failed step's sequences suspect
         self._pending_frees = later
         self._on_worker.clear()
         self.blocks.reset()
@@ -301,9 +317,9 @@ class Scheduler:
         if len(self._in_flight) >= self.config.max_steps_in_flight:
             raise RuntimeError(f"step {self._in_flight[-1].step.step_id} is still in flight")
         plan = StepPlan(Step(step_id=self._next_step_id), [], [], [])  # its step is filled in below
-        appended: list[BlockAppend] = []
+        appended: tuple[list[int], list[int]] = ([], [])  # (seq_id, block) pairs, as Step.append_* say
         budget = self.config.max_num_batched_tokens
-        suspect = next(filter(_is_suspect, self.running), None)  # a C-level scan: this runs every step
+        suspect = self._find_suspect() if self._maybe_suspect else None
         if self._in_flight and not self._may_overlap(suspect):
             return None
         if suspect is not None:
@@ -317,23 +333,37 @@ class Scheduler:
             new_seqs, budget = ([], budget) if plan.preempted_seq_ids else self._admit_waiting(plan, budget)
         if not plan.seqs:
             return None
-        seq_ids = pack_ints([seq.seq_id for seq in plan.seqs])
+        # most steps compute the batch of the step before, one token each: reuse its packed ids
+        batch, packed = self._last_batch
+        if plan.seqs != batch:  # a C-level comparison (by identity first)
+            packed = pack_ints([seq.seq_id for seq in plan.seqs])
+            self._last_batch = (plan.seqs, packed)
+        seq_ids = packed
+        num_batched = self.config.max_num_batched_tokens - budget
         plan.step = Step(
             step_id=self._next_step_id,
             new_seqs=tuple(new_seqs),
-            appended=tuple(appended),
+            append_seq_ids=pack_ints(appended[0]),
+            append_block_ids=pack_ints(appended[1]),
             free_seq_ids=pack_ints(self._pending_frees),  # the worker applies frees first
             seq_ids=seq_ids,
-            num_tokens=pack_ints(plan.counts),
+            num_tokens=_ONE * num_batched if num_batched == len(plan.seqs) else pack_ints(plan.counts),
         )
         # the usual step: every sequence samples, so the answer's ids are the batch's
         sample = plan.sample_seqs
         plan.packed_sample_ids = seq_ids if len(sample) == len(plan.seqs) else pack_ints([s.seq_id for s in sample])
-        plan.num_batched_tokens = self.config.max_num_batched_tokens - budget
+        plan.num_batched_tokens = num_batched
         self._next_step_id += 1
         self._pending_frees = []
         self._in_flight.append(plan)
         return plan
+
+    def _find_suspect(self) -> Sequence | None:
+        """The oldest running suspect, if any; clears _maybe_suspect once no sequence here is suspect."""
+        suspect = next(filter(_is_suspect, self.running), None)
+        if suspect is None and not any(map(_is_suspect, self.waiting)):
+            self._maybe_suspect = False
+        return suspect
 
     def _may_overlap(self, suspect: Sequence | None) -> bool:
         """Whether a step may be built while one is in flight: no suspect is involved (it runs alone, so a
@@ -348,23 +378,37 @@ class Scheduler:
         worst = len(self.running) + -(-self.config.max_num_batched_tokens // self.block_size)
         return self.blocks.num_free >= worst
 
-    def _schedule_running(self, plan: StepPlan, appended: list[BlockAppend], budget: int,
+    def _schedule_running(self, plan: StepPlan, appended: tuple[list[int], list[int]], budget: int,
                           candidates: list[Sequence]) -> int:
         """Running sequences first, oldest first (`candidates` is self.running, or the one suspect); returns
         the budget left. One pass does everything per sequence (this runs for every sequence of every step):
-        the chunk, its blocks, whether it samples or fills a block, and counting its tokens as computed (the
-        worker computes them, or fails and everything is recomputed)."""
-        seqs, counts, sample, filled = plan.seqs, plan.counts, plan.sample_seqs, plan.filled
-        size, tables = self.block_size, self.blocks.tables
+        the chunk, its blocks, whether it samples, and counting its tokens as computed (the worker computes
+        them, or fails and everything is recomputed). plan.counts and plan.sample_seqs are filled at the end:
+        most sequences compute one token and sample it, so only the others are noted on the way."""
+        seqs, size, tables = plan.seqs, self.block_size, self.blocks.tables
+        start = len(seqs)
+        cap = start + budget  # len(seqs) at which the budget is spent, were every chunk one token
+        odd: dict[int, int] = {}  # index in seqs -> tokens, of chunks other than one token
+        silent: set[int] = set()  # index in seqs of chunks that do not sample
+        # whether the plain decodes may spend the budget: more candidates left than budget (never, usually)
+        tight = len(candidates) >= budget
         # Preemption only removes the youngest running sequences (never one scheduled already, all older), so
         # iterating self.running while it shrinks at the end simply stops before the preempted ones.
         for seq in candidates:
             computed = seq.num_computed_tokens
-            total = len(seq.prompt_token_ids) + len(seq.output_token_ids)
+            if computed < seq.steady_until:  # a plain decode (see Sequence.steady_until): most of every step
+                seq.num_computed_tokens = computed + 1
+                seq.num_pending_tokens += 1
+                seqs.append(seq)
+                if tight and len(seqs) >= cap:
+                    break
+                continue
+            total = known = len(seq.prompt_token_ids) + len(seq.output_token_ids)
             if seq.num_pending_tokens:
                 if len(seq.output_token_ids) + seq.num_pending_tokens >= seq.output_limit:
                     continue  # its last token is being sampled already: it ends with "length"
                 total += seq.num_pending_tokens
+            budget = cap - len(seqs)
             n = total - computed if total - computed < budget else budget
             end = computed + n
             if end > len(tables[seq.seq_id]) * size:  # its blocks run out: the usual case is that they don't
@@ -372,22 +416,50 @@ class Scheduler:
                 if n == 0:
                     break
                 end = computed + n
-            seqs.append(seq)
-            counts.append(n)
+            if n != 1:
+                odd[len(seqs)] = n
+                cap -= n - 1
+                tight = True
             seq.num_computed_tokens = end
+            seq.steady_until = 0
             if end == total:
-                sample.append(seq)
                 seq.num_pending_tokens += 1
                 if seq.sampling.logprobs is not None:
                     plan.asks_logprobs = True
-            if computed // size != end // size:
-                filled.append((seq, end))
-            budget -= n
-            if budget <= 0:
+                else:
+                    seq.steady_until = self._steady_until(seq, end, appended)
+            else:
+                silent.add(len(seqs))
+            seqs.append(seq)
+            self._cache_blocks(seq, min(end, known))  # not past its known ids: one may still be being sampled
+            if len(seqs) >= cap:
                 break
-        return budget
+        added = len(seqs) - start
+        plan.counts.extend([1] * added)
+        for i, n in odd.items():
+            plan.counts[i] = n
+        plan.sample_seqs.extend(seqs[start:] if not silent else
+                                [seq for i, seq in enumerate(seqs[start:], start) if i not in silent])
+        return cap - len(seqs)
 
-    def _grow(self, seq: Sequence, n: int, appended: list[BlockAppend], preempted: list[int]) -> int:
+    def _steady_until(self, seq: Sequence, computed: int, appended: tuple[list[int], list[int]]) -> int:
+        """Sequence.steady_until for a sequence that decodes from `computed` tokens: its next steps are plain
+        decodes while each one's end, computed + 1, stays within its blocks and at or below its last token
+        (len(prompt) + output_limit - 1: the end of the step that samples its last output token). A table with
+        less than a block of room left takes up to DECODE_BLOCKS_AHEAD more now if blocks are plentiful (every
+        running sequence could still take as many, and a whole token budget more); else the general path grows
+        it when it runs out (and may preempt then)."""
+        size, table = self.block_size, self.blocks.tables[seq.seq_id]
+        last = len(seq.prompt_token_ids) + seq.output_limit - 1
+        if (len(table) * size - computed < size and computed < last and self.blocks.num_free
+                >= len(self.running) * DECODE_BLOCKS_AHEAD + self._reserve_blocks):
+            new = self.blocks.ensure(seq.seq_id, min(last, computed + DECODE_BLOCKS_AHEAD * size))
+            if new:
+                appended[0].extend([seq.seq_id] * len(new))
+                appended[1].extend(new)
+        return min(len(table) * size, last)
+
+    def _grow(self, seq: Sequence, n: int, appended: tuple[list[int], list[int]], preempted: list[int]) -> int:
         """Give seq the blocks for its next n tokens, or for as many as can be had (0: seq yielded)."""
         new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
         if new_blocks is None:
@@ -397,7 +469,8 @@ class Scheduler:
             new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
             assert new_blocks is not None  # n is within reach
         if new_blocks:
-            appended.append(BlockAppend(seq.seq_id, pack_ints(new_blocks)))
+            appended[0].extend([seq.seq_id] * len(new_blocks))
+            appended[1].extend(new_blocks)
         return n
 
     def _shrink_or_preempt(self, seq: Sequence, n: int, preempted: list[int]) -> int:
@@ -447,12 +520,21 @@ class Scheduler:
                 seq.num_pending_tokens = 1
                 plan.asks_logprobs = plan.asks_logprobs or seq.sampling.logprobs is not None
             if num_cached // size != end // size:
-                plan.filled.append((seq, end))
+                self._cache_blocks(seq, end)
             budget -= n
         return new_seqs, budget
 
+    def _cache_blocks(self, seq: Sequence, end: int) -> None:
+        """Cache the full blocks of seq's first `end` tokens (their ids known, their K/V computed by a step sent
+        already or by the one being built). Sequences admitted later, into this step too, may share them: a
+        worker writes a step's K/V before any of its attention reads, and runs steps in order. A step that fails
+        requeues everything and resets the cache. Prompt blocks are cached with the chunk that computes them;
+        a decode's, when it next takes the general path (every few blocks), finishes or is preempted."""
+        if self.config.enable_prefix_caching:
+            self.blocks.commit_full_blocks(seq.seq_id, TokenIds(seq), end)
+
     def _start(self, seq: Sequence, num_cached: int) -> None:
-        seq.status, seq.num_computed_tokens = SequenceStatus.RUNNING, num_cached
+        seq.status, seq.num_computed_tokens, seq.steady_until = SequenceStatus.RUNNING, num_cached, 0
         if seq.num_preemptions == 0:
             seq.num_cached_tokens = num_cached
         insort(self.running, seq, key=lambda s: s.arrival)
@@ -460,6 +542,7 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence, preempted: list[int]) -> None:
         assert not self._in_flight, "preempting while a step is in flight (_may_overlap should prevent it)"
+        self._cache_blocks(seq, seq.num_computed_tokens)  # every step is done: its recompute may hit them
         self.running.remove(seq)
         self._release(seq)
         self._to_waiting(seq)
@@ -467,6 +550,7 @@ class Scheduler:
 
     def _to_waiting(self, seq: Sequence) -> None:
         seq.status, seq.num_computed_tokens, seq.num_pending_tokens = SequenceStatus.WAITING, 0, 0
+        seq.steady_until = 0
         seq.num_preemptions += 1
         self.waiting.appendleft(seq)
 
@@ -514,19 +598,20 @@ class Scheduler:
             logprobs = self._sampled_logprobs(plan, result, live, scheduled)
             seqs, tokens = [scheduled[sid][0] for sid in live], [by_id[sid] for sid in live]
         self._in_flight.popleft()
-        self._commit_blocks(plan)
         num_finished = 0
+        if self._maybe_suspect:
+            for seq in seqs:
+                seq.suspect = False  # it computed a step alone without killing anyone
         for seq, token in zip(seqs, tokens):  # inline: this loop runs for every sequence of every step
             output = seq.output_token_ids
             output.append(token)
             seq.num_pending_tokens -= 1
-            seq.suspect = False  # it computed a step alone without killing anyone
             # The worker bans stop ids while fewer than min_tokens outputs precede the sample; mirror it.
             if token in seq.stop_token_ids and len(output) > seq.min_tokens:
-                self._finish(seq, "stop")
+                self._finish_sampled(seq, "stop")
                 num_finished += 1
             elif len(output) >= seq.output_limit:  # max_tokens, or the context limit
-                self._finish(seq, "length")
+                self._finish_sampled(seq, "length")
                 num_finished += 1
         if logprobs:
             for seq in seqs:
@@ -534,7 +619,7 @@ class Scheduler:
                     seq.logprobs.append(logprob)
         if num_finished:
             self.running = [s for s in self.running if s.status is running]
-        return StepOutput(seqs, tokens, logprobs)
+        return StepOutput(seqs, tokens, logprobs, num_finished)
 
     def _sampled_tokens(self, plan: StepPlan, result: StepResult, live: list[int]) -> dict[int, int]:
         seq_ids = unpack_ints(result.seq_ids)
@@ -564,10 +649,8 @@ class Scheduler:
             raise ValueError("result lacks logprobs a sequence asked for")
         return out
 
-    def _commit_blocks(self, plan: StepPlan) -> None:
-        """Cache the blocks this step filled (only now is their KV computed)."""
-        if not self.config.enable_prefix_caching:
-            return
-        for seq, end in plan.filled:  # not num_computed_tokens: a later step in flight may compute more
-            if self._live.get(seq.seq_id) is seq:
-                self.blocks.commit_full_blocks(seq.seq_id, TokenIds(seq), end)
+    def _finish_sampled(self, seq: Sequence, reason: str) -> None:
+        """Finish a sequence on the token its step just sampled: every earlier token's K/V is computed, so its
+        full blocks are cached first (a follow-up turn of a conversation shares them)."""
+        self._cache_blocks(seq, seq.num_tokens - 1)
+        self._finish(seq, reason)

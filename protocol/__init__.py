@@ -3,7 +3,6 @@
 from protocol.messages import (
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
-    BlockAppend,
     Drain,
     Error,
     Heartbeat,
@@ -28,7 +27,6 @@ from protocol.messages import (
 __all__ = [
     "MAX_FRAME_BYTES",
     "PROTOCOL_VERSION",
-    "BlockAppend",
     "Drain",
     "Error",
     "Heartbeat",

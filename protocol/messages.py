@@ -13,7 +13,7 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: a Step appends KV blocks as two packed arrays (append_seq_ids, append_block_ids)
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 MAX_STR_CHARS = 4096  # names, states, ids
 MAX_ERROR_CHARS = 65536  # Error.message may carry a traceback
@@ -103,18 +103,14 @@ class NewSequence:
 
 
 @dataclass(frozen=True, slots=True)
-class BlockAppend:
-    """KV blocks appended to an existing sequence's block table."""
-    seq_id: int
-    block_ids: bytes  # packed; appended to the sequence's block table
-
-
-@dataclass(frozen=True, slots=True)
 class Step:
     """daemon -> worker: one forward pass over a batch, as a diff against what the worker knows."""
     step_id: int
     new_seqs: tuple[NewSequence, ...] = ()
-    appended: tuple[BlockAppend, ...] = ()
+    # packed, in pairs: block append_block_ids[i] joins the end of sequence append_seq_ids[i]'s block table
+    # (a sequence's new blocks in table order); packed because most steps append a block to some sequences
+    append_seq_ids: bytes = b""
+    append_block_ids: bytes = b""
     free_seq_ids: bytes = b""  # packed; forgotten by the worker before it runs the step
     seq_ids: bytes = b""  # packed; the sequences computed this step, in batch order
     num_tokens: bytes = b""  # packed; tokens of each of seq_ids to compute now (each >= 1)
@@ -207,7 +203,7 @@ Message = Step | StepResult | Hello | Heartbeat | Error | Welcome | Load | Drain
 _MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.__name__: cls for cls in (Step, StepResult, Hello, Heartbeat, Error, Welcome, Load, Drain, Shutdown)
 }
-_NESTED_TYPES = (SamplingParams, NewSequence, BlockAppend)
+_NESTED_TYPES = (SamplingParams, NewSequence)
 
 
 # ---------------------------------------------------------------------------------------- field checks
@@ -344,10 +340,9 @@ _SCHEMAS: dict[type, dict[str, Checker]] = {
         "seq_id": _ID, "token_ids": _PACKED, "num_prompt_tokens": _COUNT, "num_computed_tokens": _COUNT,
         "block_ids": _IDS, "sampling": _nested(SamplingParams),
     },
-    BlockAppend: {"seq_id": _ID, "block_ids": _IDS},
     Step: {
         "step_id": _COUNT, "new_seqs": _tuple_of(_nested(NewSequence)),
-        "appended": _tuple_of(_nested(BlockAppend)), "free_seq_ids": _IDS, "seq_ids": _IDS,
+        "append_seq_ids": _IDS, "append_block_ids": _IDS, "free_seq_ids": _IDS, "seq_ids": _IDS,
         "num_tokens": _packed(1),
     },
     StepResult: {
@@ -423,6 +418,8 @@ def _check_new_sequence(seq: NewSequence) -> None:
 def _check_step(step: Step) -> None:
     if len(step.seq_ids) != len(step.num_tokens):
         raise _Bad(f"{_n(step.seq_ids)} seq_ids but {_n(step.num_tokens)} num_tokens")
+    if len(step.append_seq_ids) != len(step.append_block_ids):
+        raise _Bad(f"{_n(step.append_seq_ids)} append_seq_ids but {_n(step.append_block_ids)} append_block_ids")
 
 
 def _check_step_result(result: StepResult) -> None:

@@ -189,14 +189,19 @@ async def test_step_loop_streams_each_sequences_text_in_order(tok: Tokenizer) ->
 
 
 @pytest.mark.asyncio
-async def test_attached_ids_settle_before_an_eager_push(tok: Tokenizer) -> None:
-    ids = tok.encode("日本語 text", add_special_tokens=False)
+async def test_a_stream_reads_its_sequences_output_and_settles_it_before_an_eager_push(tok: Tokenizer) -> None:
+    ids = tok.encode("日本語 text, and more", add_special_tokens=False)
     stream = RequestStream(1)
     detok = IncrementalDetokenizer(tok)
-    raw = stream.attach(0, detok)
-    raw.extend(ids[:-1])  # the step loop's path: ids only, no text yet
-    stream.settle()  # what the eager path does first, so text keeps its order
+    output: list[int] = []  # the sequence's own output list: only the scheduler appends to it
+    source = stream.attach(0, output, detok)
+    output.extend(ids[:3])
+    (delta,) = await stream.get()  # a read decodes what the list holds past the source's mark
+    assert delta.token_ids == ids[:3] and source.read == 3
+    output.extend(ids[3:])
+    source.settle(stream, len(ids) - 1)  # the eager path: earlier tokens' text first...
+    source.read = len(ids)  # ...then its own token, pushed by itself
     stream.push(0, detok.add([ids[-1]]) + detok.flush(), [ids[-1]], None, "stop")
     (delta,) = await stream.get()
-    assert (delta.text, delta.token_ids, delta.finish_reason) == (tok.decode(ids), ids, "stop")
-    assert not raw and stream.finished and await stream.get() == []
+    assert (delta.text, delta.token_ids, delta.finish_reason) == (tok.decode(ids[3:]), ids[3:], "stop")
+    assert stream.finished and await stream.get() == []

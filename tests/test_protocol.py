@@ -18,7 +18,6 @@ from protocol.messages import (
     _SCHEMAS,
     MAX_FRAME_BYTES,
     PROTOCOL_VERSION,
-    BlockAppend,
     Drain,
     Error,
     Heartbeat,
@@ -78,10 +77,10 @@ def new_sequences(draw: st.DrawFn) -> NewSequence:
 
 @st.composite
 def steps(draw: st.DrawFn, min_new: int = 0) -> Step:
-    n = draw(st.integers(0, 6))
+    n, k = draw(st.integers(0, 6)), draw(st.integers(0, 3))
     return Step(
         step_id=draw(COUNTS), new_seqs=tuple(draw(st.lists(new_sequences(), min_size=min_new, max_size=4))),
-        appended=tuple(draw(st.lists(st.builds(BlockAppend, seq_id=IDS, block_ids=packed()), max_size=3))),
+        append_seq_ids=draw(packed(min_size=k, max_size=k)), append_block_ids=draw(packed(min_size=k, max_size=k)),
         free_seq_ids=draw(packed()), seq_ids=draw(packed(min_size=n, max_size=n)),
         num_tokens=draw(packed(st.integers(1, 2**31 - 1), min_size=n, max_size=n)),
     )
@@ -276,9 +275,12 @@ def test_oversized_frames_are_refused() -> None:
         (raw("Pickle"), "unknown message type"),
         (raw("__init__"), "unknown message type"),
         (raw("SamplingParams"), "unknown message type"),  # nested types are no messages
-        (msgpack.packb({"v": 1}), "message type must be a string"),
-        (msgpack.packb({"type": b"Shutdown", "v": 1}), "message type must be a string"),
-        (msgpack.packb({"type": "Shutdown", "v": 2}), "unsupported protocol version 2"),
+        (msgpack.packb({"v": PROTOCOL_VERSION}), "message type must be a string"),
+        (msgpack.packb({"type": b"Shutdown", "v": PROTOCOL_VERSION}), "message type must be a string"),
+        (msgpack.packb({"type": "Shutdown", "v": PROTOCOL_VERSION + 1}),
+         f"unsupported protocol version {PROTOCOL_VERSION + 1}"),
+        (msgpack.packb({"type": "Shutdown", "v": PROTOCOL_VERSION - 1}),
+         f"unsupported protocol version {PROTOCOL_VERSION - 1}"),
         (msgpack.packb({"type": "Shutdown", "v": "1"}), "unsupported protocol version"),
         (msgpack.packb({"type": "Shutdown", "v": True}), "unsupported protocol version"),
         (msgpack.packb({"type": "Shutdown"}), "no protocol version"),
@@ -290,7 +292,7 @@ def test_oversized_frames_are_refused() -> None:
         (b"\xdd\xff\xff\xff\xff", "msgpack"),  # an array claiming 4 billion items
         (raw(**{"extra": 1}), r"Shutdown: unknown field\(s\) 'extra'"),
         (raw(**{"1": 1}), "unknown field"),
-        (msgpack.packb({"type": "Shutdown", "v": 1, 5: 1}), "unknown field"),
+        (msgpack.packb({"type": "Shutdown", "v": PROTOCOL_VERSION, 5: 1}), "unknown field"),
         (raw("Drain", deadline_s=msgpack.ExtType(1, b"x")), "msgpack"),
         (raw("Drain", deadline_s=msgpack.Timestamp(1, 0)), "msgpack"),
     ],
@@ -366,7 +368,10 @@ def test_missing_and_extra_fields_are_refused() -> None:
         ({"new_seqs": [new_seq_map(num_prompt_tokens=4)]}, "exceed the 3 token_ids"),
         ({"new_seqs": [new_seq_map(seq_id=2**31)]}, r"new_seqs\[0\].seq_id: 2147483648 outside"),
         ({"new_seqs": [new_seq_map(block_ids=pack_ints([3, -2]))]}, r"new_seqs\[0\].block_ids: entries must be"),
-        ({"appended": [{"seq_id": 1, "block_ids": b"\x00"}]}, r"Step.appended\[0\].block_ids: packed length 1"),
+        ({"append_seq_ids": b"\x00"}, r"Step.append_seq_ids: packed length 1"),
+        ({"append_seq_ids": pack_ints([1, 2]), "append_block_ids": pack_ints([3])},
+         "2 append_seq_ids but 1 append_block_ids"),
+        ({"append_block_ids": pack_ints([-3])}, "Step.append_block_ids: entries must be"),
         ({"step_id": -1}, "Step.step_id: -1 outside"),
     ],
 )

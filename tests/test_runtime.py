@@ -7,7 +7,6 @@ import torch
 from tiny_models import VARIANTS, make_tiny_checkpoint
 
 from protocol.messages import (
-    BlockAppend,
     NewSequence,
     SamplingParams,
     Step,
@@ -17,6 +16,7 @@ from protocol.messages import (
     unpack_floats,
     unpack_ints,
 )
+from worker.attention import select_attention
 from worker.config import ModelConfig, UnsupportedModelError
 from worker.executor import StepError, StepExecutor
 from worker.runner import ModelRunner, SeqChunk, parse_size
@@ -82,6 +82,35 @@ def test_interleaved_schedule_matches_transformers(tiny):
             done[s] += n
             worst = max(worst, (row - ref[s][done[s] - 1]).abs().max().item())
     assert worst < TOL, f"max |logit difference| {worst}"
+
+
+@pytest.mark.parametrize("backend", ["paged", "torch"])
+def test_a_sequence_reads_a_prefix_another_computes_in_the_same_step(tiny, backend):
+    """The daemon caches a prompt's blocks when it builds the step computing them, so a sequence admitted into
+    that step may attend them: every backend writes the step's K/V before any of its attention reads."""
+    hf, runner = tiny
+    default = runner.attention
+    runner.attention = select_attention(runner.device, runner.dtype, runner.config.head_dim, backend)
+    try:
+        _prefix_in_the_same_step(hf, runner)
+    finally:
+        runner.attention = default  # the fixture is shared by the module's other tests
+
+
+def _prefix_in_the_same_step(hf, runner: ModelRunner) -> None:
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(0, runner.config.vocab_size, (30,), generator=g).tolist()
+    b = a[:24] + torch.randint(0, runner.config.vocab_size, (9,), generator=g).tolist()
+    blocks = Blocks(runner.num_blocks)
+    table_a: list[int] = []
+    blocks.cover(table_a, len(a))
+    table_b = table_a[:6]  # B's first 24 tokens are in A's blocks, which this very step fills
+    blocks.cover(table_b, len(b))
+    # B first in the batch: its rows' attention runs before or beside A's, never after all of A's work
+    logits = runner.forward([SeqChunk(b[24:], 24, table_b), SeqChunk(a, 0, table_a)])
+    for row, toks in zip(logits, (b, a)):
+        want = hf(torch.tensor([toks])).logits[0, -1]
+        assert (row - want).abs().max().item() < TOL
 
 
 def _greedy_reference(hf, prompt: list[int], n: int) -> list[int]:
@@ -172,7 +201,7 @@ def test_executor_rejects_bad_steps_and_changes_nothing(tiny):
                                               SamplingParams()),)),  # block outside the pool
         # a new sequence plus an append to an unknown one: the new sequence must not be kept either
         Step(step_id=1, new_seqs=(NewSequence(3, pack_ints([1]), 1, 0, pack_ints([1]), SamplingParams()),),
-             appended=(BlockAppend(7, pack_ints([2])),)),
+             append_seq_ids=pack_ints([7]), append_block_ids=pack_ints([2])),
     ]
     for bad in bad_steps:
         with pytest.raises(StepError):

@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.scheduler import Scheduler, SchedulerConfig, Sequence, SequenceStatus, StepPlan
+from daemon.scheduler import (
+    DECODE_BLOCKS_AHEAD,
+    Scheduler,
+    SchedulerConfig,
+    Sequence,
+    SequenceStatus,
+    StepPlan,
+)
 from protocol.messages import (
     NewSequence,
     SamplingParams,
@@ -39,7 +46,9 @@ class WorkerSeq:
 class FakeWorker:
     """Applies steps as worker/executor.py does (frees first, then new sequences, appends, chunks) with
     its checks made assertions. Each KV slot holds a value that depends on the whole prefix up to its
-    position, so a block reused while still needed, or a wrong prefix hit, shows up as wrong content."""
+    position, so a block reused while still needed, or a wrong prefix hit, shows up as wrong content.
+    As in the model, each layer writes the K/V of every token of the step before any attention reads: a
+    sequence may read, in the step that writes them, blocks another sequence of the step computes."""
 
     def __init__(self, num_blocks: int, block_size: int, max_model_len: int, eos_at=frozenset()) -> None:
         self.block_size, self.max_model_len, self.eos_at = block_size, max_model_len, eos_at
@@ -52,20 +61,26 @@ class FakeWorker:
             assert self.seqs.pop(sid, None) is not None, f"free of unknown sequence {sid}"
         for new in step.new_seqs:
             self._add(new)
-        for app in step.appended:
-            self.seqs[app.seq_id].blocks.extend(unpack_ints(app.block_ids))
+        for sid, block in zip(unpack_ints(step.append_seq_ids), unpack_ints(step.append_block_ids), strict=True):
+            self.seqs[sid].blocks.append(block)
         seq_ids, counts = list(unpack_ints(step.seq_ids)), list(unpack_ints(step.num_tokens))
         assert len(set(seq_ids)) == len(seq_ids)
-        self._check_exclusive_writes(seq_ids)
-        sampled = []
-        for sid, n in zip(seq_ids, counts, strict=True):
+        owners: dict[int, list[int]] = {}
+        for other_id, other in self.seqs.items():
+            for block in other.blocks:
+                owners.setdefault(block, []).append(other_id)
+        batch = []
+        for sid, n in zip(seq_ids, counts, strict=True):  # every write of the step first...
             seq = self.seqs[sid]
             end = seq.computed + n
             assert n >= 1 and end <= len(seq.tokens) and end <= len(seq.blocks) * self.block_size
             values = prefix_values(seq.tokens[:end])
-            self._check_kv(seq, values, seq.computed)  # attention reads every earlier position
             for pos in range(seq.computed, end):
-                self.kv[seq.blocks[pos // self.block_size]][pos % self.block_size] = values[pos]
+                self._write(owners, sid, seq.blocks[pos // self.block_size], pos % self.block_size, values[pos])
+            batch.append((seq, values, end))
+        sampled = []
+        for sid, (seq, values, end) in zip(seq_ids, batch):  # ...then attention reads every position up to end
+            self._check_kv(seq, values, end)
             seq.computed = end
             if end == len(seq.tokens):
                 sampled.append(sid)
@@ -76,24 +91,25 @@ class FakeWorker:
         tokens = list(unpack_ints(new.token_ids))
         assert new.seq_id not in self.seqs and 0 < len(tokens) < self.max_model_len
         assert 0 <= new.num_computed_tokens < len(tokens) and new.num_prompt_tokens <= len(tokens)
-        seq = WorkerSeq(tokens, new.num_computed_tokens, list(unpack_ints(new.block_ids)), new.sampling.logprobs)
-        self._check_kv(seq, prefix_values(tokens), seq.computed)  # the prefix hit holds this prefix
-        self.seqs[new.seq_id] = seq
+        # its prefix hit is checked when the step reads it (its step may be the one computing it)
+        self.seqs[new.seq_id] = WorkerSeq(tokens, new.num_computed_tokens, list(unpack_ints(new.block_ids)),
+                                          new.sampling.logprobs)
 
     def _check_kv(self, seq: WorkerSeq, values: list[int], upto: int) -> None:
         got = [self.kv[seq.blocks[p // self.block_size]][p % self.block_size] for p in range(upto)]
         assert got == values[:upto], "KV content does not match the sequence's prefix"
 
-    def _check_exclusive_writes(self, seq_ids: list[int]) -> None:
-        """A block written this step belongs to no other sequence the worker knows."""
-        owners: dict[int, int] = {}
-        for seq in self.seqs.values():
-            for block in seq.blocks:
-                owners[block] = owners.get(block, 0) + 1
-        for sid in seq_ids:
-            seq = self.seqs[sid]
-            for block in seq.blocks[seq.computed // self.block_size :]:
-                assert owners[block] == 1, f"sequence {sid} writes shared block {block}"
+    def _write(self, owners: dict[int, list[int]], sid: int, block: int, offset: int, value: int) -> None:
+        """A write never changes what another sequence holding the block reads there: another holder's
+        prefix (a prefix-cache hit) must have the same value at that position, if it reaches it."""
+        for other_id in owners[block]:
+            if other_id != sid:
+                other = self.seqs[other_id]
+                pos = other.blocks.index(block) * self.block_size + offset
+                if pos < len(other.tokens):
+                    assert prefix_values(other.tokens[: pos + 1])[pos] == value, (
+                        f"sequence {sid} writes block {block}, which sequence {other_id} holds other content in")
+        self.kv[block][offset] = value
 
     def _sample(self, sid: int) -> int:
         seq = self.seqs[sid]
@@ -244,6 +260,47 @@ def test_prefix_reuse_shares_blocks():
     run_to_end(sched, worker)
     for seq in (first, second):
         assert (seq.output_token_ids, seq.finish_reason) == reference(seq, sched.max_seq_len)
+
+
+def test_a_prefix_is_shared_in_the_step_that_computes_it():
+    """Requests arriving together with a common prefix compute it once: the first one's prompt blocks are
+    cached when its step is built, so the others, admitted into the same step, hit them. The fake worker
+    checks each one reads the prefix content the first one writes in that step."""
+    sched, worker = setup(max_num_batched_tokens=64)
+    prefix = list(range(20, 32))  # 3 full blocks
+    seqs = [make_seq(i, prefix + [90 + i, 91 + i], max_tokens=6) for i in range(1, 5)]
+    for seq in seqs:
+        sched.add(seq)
+    plan = step_once(sched, worker)
+    assert [new.num_computed_tokens for new in plan.step.new_seqs] == [0, 12, 12, 12]
+    assert counts(plan) == {1: 14, 2: 2, 3: 2, 4: 2} and sched.blocks.prefix_hits == 36
+    tables = [list(unpack_ints(new.block_ids)) for new in plan.step.new_seqs]
+    assert all(table[:3] == tables[0][:3] for table in tables)
+    run_to_end(sched, worker)
+    for seq in seqs:
+        assert (seq.output_token_ids, seq.finish_reason) == reference(seq, sched.max_seq_len)
+
+
+def test_a_decodes_blocks_are_cached_a_few_at_a_time_and_all_when_it_finishes():
+    sched, worker = setup(num_blocks=256, max_num_batched_tokens=16)
+    seq = make_seq(1, list(range(20, 26)), max_tokens=60)
+    sched.add(seq)
+    counts_seen = []
+    while sched.has_work:
+        plan = sched.schedule()
+        assert plan is not None
+        # nothing is cached past the ids the daemon knows (a token being sampled has no id here yet)
+        assert sched.blocks.num_cached * sched.block_size <= seq.num_tokens
+        sched.update(plan, worker.run(plan.step))
+        counts_seen.append(sched.blocks.num_cached)
+        check_state(sched)
+    assert counts_seen[0] == 1  # the prompt's full block, with the step computing it
+    increments = [b - a for a, b in zip(counts_seen, counts_seen[1:]) if b != a]
+    # a few blocks at a time: the steady path is left once in DECODE_BLOCKS_AHEAD blocks, not at every one
+    assert len(increments) <= -(-(counts_seen[-1] - counts_seen[0]) // DECODE_BLOCKS_AHEAD)
+    # finished: every full block but the one with the last token (its K/V was never computed) is cached
+    tokens = seq.prompt_token_ids + seq.output_token_ids
+    assert sched.prefix_match_tokens(tokens + [0]) == (len(tokens) - 1) // 4 * 4 == 64
 
 
 def test_preemption_takes_the_youngest_and_loses_nothing():

@@ -76,11 +76,14 @@ class StepExecutor:
         live = {sid: s for sid, s in self.seqs.items() if sid not in freed}
         added = {new.seq_id: self._new_state(new, live) for new in step.new_seqs}
         live.update(added)
+        appended: dict[int, list[int]] = {}  # seq_id -> its new blocks, in order
+        for sid, block in zip(unpack_ints(step.append_seq_ids), unpack_ints(step.append_block_ids)):
+            appended.setdefault(sid, []).append(block)
         appends: list[tuple[SeqState, list[int]]] = []
-        for app in step.appended:
-            if app.seq_id not in live:
-                raise StepError(f"blocks appended to unknown sequence {app.seq_id}")
-            appends.append((live[app.seq_id], self._blocks(unpack_ints(app.block_ids))))
+        for sid, blocks in appended.items():
+            if sid not in live:
+                raise StepError(f"blocks appended to unknown sequence {sid}")
+            appends.append((live[sid], self._blocks(blocks)))
         seq_ids, counts = unpack_ints(step.seq_ids), unpack_ints(step.num_tokens)
         if len(seq_ids) != len(counts) or len(set(seq_ids)) != len(seq_ids):
             raise StepError("seq_ids and num_tokens must pair up, each sequence at most once")
@@ -117,7 +120,7 @@ class StepExecutor:
                         self._blocks(unpack_ints(new.block_ids)), new.sampling)
 
     def _blocks(self, blocks) -> list[int]:
-        out = blocks.tolist()
+        out = blocks if isinstance(blocks, list) else blocks.tolist()
         if out and (min(out) < 0 or max(out) >= self.runner.num_blocks):
             raise StepError(f"block id outside 0..{self.runner.num_blocks - 1}")
         return out

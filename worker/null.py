@@ -25,7 +25,7 @@ class NullRunner:
     config: ModelConfig
     device: str = "null"
     dtype: str = "none"
-    num_blocks: int = 1 << 16  # a million tokens of pretend KV
+    num_blocks: int = 1 << 17  # two million tokens of pretend KV: 256 sequences of 8,192 tokens
     block_size: int = 16
     max_model_len: int = 8192
 
