@@ -8,7 +8,8 @@ Three parts, each against a real `nimbus serve` on a free loopback port, sampled
           (ignore_eos): the daemon's CPU time over the run's wall time. Target: < 10% of one core. Also the
           worker's RSS against the weights and KV pool it logs: idle, peak during the burst (the activation
           workspace on top), after it, and after a second identical burst (nothing may grow per request).
-  memory  null-model workers, 500 warm-up requests, then 10,000 more at 256 in flight: RSS during and after.
+  memory  null-model workers, 9,000 warm-up requests (they fill the prefix cache), then 2 x 10,000 more at 256
+          in flight: RSS during and after.
           Target: < 250 MB with 256 running sequences; after 10k within 5% of after the warm-up.
 
 The load comes from lean clients (raw asyncio sockets, no JSON parsing of chunks) in several processes, so the
@@ -458,11 +459,12 @@ def part_real(out: Path, quick: bool, profile: bool, dtype: str | None) -> dict[
 
 
 def part_memory(out: Path, quick: bool, procs: int) -> dict[str, Any]:
-    """RSS after a warm-up, after 10,000 more requests (256 in flight) and after another 10,000, sampled
-    throughout. The second 10,000 tell bounded growth (the prefix cache filling toward its pool of blocks)
-    from a leak."""
-    warm, total, streams = (100, 1000, 64) if quick else (500, 10_000, 256)
-    prompt_len, max_tokens = 64, 16
+    """RSS after a warm-up that fills the prefix cache, after 10,000 more requests (256 in flight) and after
+    another 10,000, sampled throughout: growth after the warm-up is not the cache filling toward its pool."""
+    # 256 + 16 tokens: 16 full blocks cached a request, so the warm-up (9,000 requests, 144,000 blocks) fills the
+    # prefix cache to its bound (the null pool's 131,072 blocks) and what grows after it is not the cache
+    warm, total, streams = (100, 1000, 64) if quick else (9_000, 10_000, 256)
+    prompt_len, max_tokens = 256, 16
     prompts = token_prompts(256, prompt_len)
     rss: list[tuple[float, float, float]] = []  # (s since the warm-up ended, MB, running sequences)
     results = []
