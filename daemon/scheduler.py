@@ -32,6 +32,13 @@ DECODE_BLOCKS_AHEAD = 4
 Logprob = tuple[float, list[tuple[int, float]]]
 
 
+def _append(appended: tuple[list[int], list[int]], seq_id: int, blocks: list[int] | None) -> None:
+    """Note blocks added to seq_id's table in the step's (seq_id, block) pairs (Step.append_*)."""
+    if blocks:
+        appended[0].extend([seq_id] * len(blocks))
+        appended[1].extend(blocks)
+
+
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
     max_num_seqs: int = 256  # running sequences at most
@@ -223,7 +230,8 @@ class Scheduler:
         # while this holds, every step looks for them. Cleared once none is left.
         self._maybe_suspect = False
         self._last_batch: tuple[list[Sequence], bytes] = ([], b"")  # the last plan's seqs and their packed ids
-        # blocks kept free beyond DECODE_BLOCKS_AHEAD per running sequence before a decode takes blocks ahead
+        # a whole token budget's worth of blocks: kept free beyond the running sequences' own growth before a
+        # step overlaps another or a decode takes blocks ahead
         self._reserve_blocks = -(-config.max_num_batched_tokens // block_size)
 
     # ----------------------------------------------------------------------------------- queries
@@ -375,7 +383,7 @@ class Scheduler:
         limit = self.config.overlap_max_prefill_tokens
         if any(plan.num_batched_tokens - len(plan.seqs) >= limit for plan in self._in_flight):
             return False
-        worst = len(self.running) + -(-self.config.max_num_batched_tokens // self.block_size)
+        worst = len(self.running) + self._reserve_blocks
         return self.blocks.num_free >= worst
 
     def _schedule_running(self, plan: StepPlan, appended: tuple[list[int], list[int]], budget: int,
@@ -453,10 +461,7 @@ class Scheduler:
         last = len(seq.prompt_token_ids) + seq.output_limit - 1
         if (len(table) * size - computed < size and computed < last and self.blocks.num_free
                 >= len(self.running) * DECODE_BLOCKS_AHEAD + self._reserve_blocks):
-            new = self.blocks.ensure(seq.seq_id, min(last, computed + DECODE_BLOCKS_AHEAD * size))
-            if new:
-                appended[0].extend([seq.seq_id] * len(new))
-                appended[1].extend(new)
+            _append(appended, seq.seq_id, self.blocks.ensure(seq.seq_id, min(last, computed + DECODE_BLOCKS_AHEAD * size)))
         return min(len(table) * size, last)
 
     def _grow(self, seq: Sequence, n: int, appended: tuple[list[int], list[int]], preempted: list[int]) -> int:
@@ -468,9 +473,7 @@ class Scheduler:
                 return 0
             new_blocks = self.blocks.ensure(seq.seq_id, seq.num_computed_tokens + n)
             assert new_blocks is not None  # n is within reach
-        if new_blocks:
-            appended[0].extend([seq.seq_id] * len(new_blocks))
-            appended[1].extend(new_blocks)
+        _append(appended, seq.seq_id, new_blocks)
         return n
 
     def _shrink_or_preempt(self, seq: Sequence, n: int, preempted: list[int]) -> int:

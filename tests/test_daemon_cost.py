@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Histogram
 
-from daemon.metrics import LATENCY_BUCKETS, observe_many
+from daemon.metrics import LATENCY_BUCKETS, Metrics, observe_many
 from daemon.models import pull
 from daemon.replica import Delta, Replica, RequestStream, Track
 from daemon.requests import parse_generation
@@ -186,6 +186,37 @@ async def test_step_loop_streams_each_sequences_text_in_order(tok: Tokenizer) ->
     assert not task.done() and replica.idle  # the loop waits for work, having ended every sequence
     task.cancel()
     assert texts == expected
+
+
+@pytest.mark.asyncio
+async def test_a_track_leaving_the_cohort_gets_the_time_of_its_last_token(tok: Tokenizer) -> None:
+    """Steps that sample the same sequences as the one before write no track; a track that leaves (an abort)
+    gets the cohort's time, and token latencies still count every token."""
+    hello = Hello(worker_id="w", host="h", pid=1, device="null", model="m", model_version="", dtype="none",
+                  num_blocks=256, block_size=4, max_model_len=4096, vocab_size=tok.vocab_size)
+    worker = _ScriptedWorker({k: [1000 + i % 50 for i in range(500)] for k in (1, 2)})
+    metrics = Metrics()
+    replica = Replica(hello, b"w", worker, SchedulerConfig(), 1, metrics)  # type: ignore[arg-type]
+    replica.assign("r", "m", "v")
+    worker.replica = replica
+    tracks = []
+    for k in (1, 2):
+        seq = Sequence(k, [5, 6, 7], SamplingParams(), max_tokens=400)
+        tracks.append(Track(seq, 0, RequestStream(1), IncrementalDetokenizer(tok, seq.prompt_token_ids), None))
+        replica.add(tracks[-1])
+    task = asyncio.ensure_future(replica.run(lambda *a: pytest.fail(f"step error {a}")))
+    while len(tracks[0].seq.output_token_ids) < 20:
+        await asyncio.sleep(0)
+    first = tracks[0].first_token
+    when, in_cohort = replica.cohort_time, tracks[0].seq in replica.cohort
+    replica.abort(1)
+    assert in_cohort and first is not None and tracks[0].last_token == when > first
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    labels = {"deployment": "m", "version": "v"}
+    tokens = metrics.registry.get_sample_value("nimbus_generation_tokens_total", labels)
+    itl = metrics.registry.get_sample_value("nimbus_inter_token_latency_seconds_count", labels)
+    assert tokens == sum(len(t.seq.output_token_ids) for t in tracks) and itl == tokens - 2  # all but first tokens
 
 
 @pytest.mark.asyncio

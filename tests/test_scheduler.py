@@ -327,6 +327,25 @@ def test_preemption_takes_the_youngest_and_loses_nothing():
         assert seq.finish_reason == "length" and len(seq.output_token_ids) == 12
 
 
+def test_a_preempted_sequence_caches_what_it_computed_and_resumes_from_it():
+    """Blocks a decode filled since it last left the steady path are cached when it is preempted, so its
+    recompute starts from all of them (here the pool runs out after both took blocks ahead while plentiful)."""
+    sched, worker = setup(num_blocks=21, block_size=4, max_num_batched_tokens=8)
+    old, young = make_seq(1, [5, 6, 7, 8], max_tokens=40), make_seq(2, [9, 10], max_tokens=40)
+    sched.add(old)
+    sched.add(young)
+    computed_when_preempted, resumed_from = None, []
+    while sched.has_work:
+        computed = young.num_computed_tokens
+        plan = step_once(sched, worker)
+        if 2 in plan.preempted_seq_ids:
+            computed_when_preempted = computed
+        resumed_from += [new.num_computed_tokens for new in plan.step.new_seqs if new.seq_id == 2]
+    assert computed_when_preempted == 40 and resumed_from == [0, 40]
+    for seq in (old, young):
+        assert (seq.output_token_ids, seq.finish_reason) == reference(seq, sched.max_seq_len)
+
+
 def test_a_long_prefill_chunk_shrinks_to_the_blocks_at_hand():
     sched, worker = setup(num_blocks=4, block_size=4, max_num_batched_tokens=64)
     small = make_seq(1, [9] * 3, max_tokens=2)
