@@ -7,6 +7,7 @@ import random
 import pytest
 import torch
 
+from worker import kernels
 from worker.attention import AttentionMetadata, PagedCpuAttention, TorchAttention, select_attention
 
 
@@ -171,6 +172,95 @@ def test_prefill_spans_several_key_stages(paged):
     # keys are staged 256 at a time with an online softmax across stages: chunks far into a long context
     compare(paged, [70, 520, 3], [600, 0, 900], kv_heads=3, group=3, head_dim=64)
     compare(paged, [70, 300], [600, 0], atol=3e-2, dtype=torch.bfloat16, kv_heads=3, group=3, head_dim=64)
+
+
+def shared_step(groups, others, *, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, seed=0):
+    """Like random_step, but the sequences of each group share their first blocks, as the prefix cache shares
+    them: `groups` holds (shared blocks, [(query_len, start), ...]), `others` [(query_len, start), ...] with
+    blocks of their own. Sequences go in the batch groups first, then others. Returns (q, k, v, kv_cache, meta)."""
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    seqs = [(q, st, i) for i, (_, members) in enumerate(groups) for q, st in members]
+    seqs += [(q, st, None) for q, st in others]
+    own = [-(-(st + q) // block_size) - (groups[i][0] if i is not None else 0) for q, st, i in seqs]
+    num_blocks = sum(n for n, _ in groups) + sum(own) + 5
+    ids = list(range(num_blocks))
+    rng.shuffle(ids)
+    shared, at = [], 0
+    for n, _ in groups:
+        shared.append(ids[at : at + n])
+        at += n
+    tables = []
+    for (_, st, i), n in zip(seqs, own):
+        if i is not None:
+            assert st >= groups[i][0] * block_size, "a member's new tokens go in blocks of its own"
+        tables.append((shared[i] if i is not None else []) + ids[at : at + n])
+        at += n
+    kv_cache = torch.randn(2, num_blocks, block_size, kv_heads, head_dim, generator=g).to(dtype)
+    t = sum(q for q, _, _ in seqs)
+    q = torch.randn(t, kv_heads * group, head_dim, generator=g).to(dtype)
+    k = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
+    v = torch.randn(t, kv_heads, head_dim, generator=g).to(dtype)
+    meta = AttentionMetadata.build([q for q, _, _ in seqs], [st for _, st, _ in seqs], tables, block_size,
+                                   torch.device("cpu"))
+    return q, k, v, kv_cache, meta
+
+
+def compare_shared(paged, groups, others, want_groups, atol=1e-5, **shape):
+    """The step against TorchAttention, and the decode groups the kernel forms for it: want_groups holds
+    (shared positions, batch indices of the members) for each group, in the kernel's order."""
+    q, k, v, kv_cache, meta = shared_step(groups, others, **shape)
+    formed = torch.ops.nimbus.decode_groups(meta.block_tables, meta.query_start, meta.context_lens,
+                                            kv_cache.shape[2])
+    assert [(int(t[0]), t[1:].tolist()) for t in formed] == want_groups
+    ref_cache = kv_cache.clone()
+    expected = TorchAttention().forward(q, k, v, ref_cache, meta)
+    got = paged.forward(q, k, v, kv_cache, meta)
+    assert torch.equal(kv_cache, ref_cache), "the new tokens' K/V were not written where TorchAttention writes them"
+    err = (got.float() - expected.float()).abs().max().item()
+    assert err < atol, f"max |difference| {err}"
+
+
+def tile_floor(n: int) -> int:
+    """Shared positions are rounded down to the kernel's vector width (8 floats on AVX2, 16 on AVX-512)."""
+    w = 16 if "avx512f" in kernels.cpu_flags().split() else 8
+    return n // w * w
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_decodes_sharing_a_prefix_match_torch(paged, shape):
+    # two groups (five shared blocks, four), decodes of their own beside them; the second group's shortest
+    # member shares only up to its own last token, which it writes in a block of its own
+    groups = [(5, [(1, 80), (1, 81), (1, 95), (1, 100), (1, 130), (1, 200)]), (4, [(1, 64), (1, 70), (1, 90), (1, 111)])]
+    compare_shared(paged, groups, [(1, 30), (1, 300)], [(80, [0, 1, 2, 3, 4, 5]), (64, [6, 7, 8, 9])], **shape)
+
+
+@pytest.mark.parametrize("block_size", [1, 4, 16])
+def test_decode_groups_beside_prefill_chunks(paged, block_size):
+    # a prefill chunk on the shared blocks is not a member; the shared length ends on a whole vector
+    n = -(-76 // block_size)
+    groups = [(n, [(1, n * block_size + i) for i in (0, 3, 9, 30, 31)] + [(12, n * block_size)])]
+    compare_shared(paged, groups, [(40, 0), (1, 17), (9, 100)], [(tile_floor(n * block_size), [0, 1, 2, 3, 4])],
+                   block_size=block_size, kv_heads=3, group=3, head_dim=64)
+
+
+def test_a_large_group_goes_in_chunks_and_across_key_stages(paged):
+    # 20 members split over several work items per kv head; 608 shared positions span three key stages
+    groups = [(38, [(1, 608 + 7 * i) for i in range(20)])]
+    compare_shared(paged, groups, [], [(608, list(range(20)))],
+                   kv_heads=3, group=3, head_dim=64)
+
+
+def test_decode_groups_in_bfloat16(paged):
+    groups = [(6, [(1, 96), (1, 97), (1, 150), (1, 200)])]
+    compare_shared(paged, groups, [(1, 50), (20, 10)], [(96, [0, 1, 2, 3])], atol=3e-2, dtype=torch.bfloat16,
+                   kv_heads=2, group=4, head_dim=128)
+
+
+def test_small_sharing_keeps_the_decode_path(paged):
+    # three members, or fewer than 64 shared positions: no group
+    compare_shared(paged, [(5, [(1, 80), (1, 90), (1, 99)]), (3, [(1, 48), (1, 60), (1, 70), (1, 80)])], [], [],
+                   kv_heads=3, group=3, head_dim=64)
 
 
 def test_rejects_slots_and_blocks_outside_the_pool(paged):

@@ -34,6 +34,7 @@ constexpr int NR = NB * W;       // panel width: 24 columns on AVX2, 48 on AVX-5
 constexpr int MR = VREGS == 32 ? 8 : 4;  // rows per block: MR x NB accumulators + NB panel vectors + a broadcast
 constexpr int64_t MC = 128;      // rows of x per pass over the panels (128 x K floats stay in L2)
 constexpr int64_t KB = 256;      // depth per pass: a panel's KB x NR floats (24 KB on AVX2) stay in L1
+constexpr int64_t PREFETCH_ROWS = 32;  // blocks of at least this many rows prefetch the next slice (see rows)
 
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
@@ -80,11 +81,21 @@ inline void block(const float* x, int64_t ldx, const float* panel, int64_t k_len
   }
 }
 
-// Calls block<R> for rows [m0, m1) in blocks of MR, then one block of the remaining rows.
+// Calls block<R> for rows [m0, m1) in blocks of MR, then one block of the remaining rows. Meanwhile asks for the
+// `pf_lines` cache lines at `pf` (the next panel slice) into L2, a share before each block: the weights stream from
+// memory once per step, and the hardware prefetcher stops at the end of the slice that every block then re-reads
+// from L1, so without this each slice's first block waited on memory (a batch-64 decode's matmuls took 0.90-0.94x
+// the time with it, docs/benchmarks.md).
 inline void rows(const float* x, int64_t ldx, int64_t m0, int64_t m1, const float* panel, int64_t k_len, float* out,
-                 int64_t ldo, int64_t ncols, const float* bias, bool first) {
+                 int64_t ldo, int64_t ncols, const float* bias, bool first, const char* pf, int64_t pf_lines) {
+  const int64_t per = pf_lines / ((m1 - m0) / MR + 1) + 1;
+  int64_t asked = 0;
   int64_t m = m0;
-  for (; m + MR <= m1; m += MR) block<MR>(x + m * ldx, ldx, panel, k_len, out + m * ldo, ldo, ncols, bias, first);
+  for (; m + MR <= m1; m += MR) {
+    for (const int64_t e = std::min(pf_lines, asked + per); asked < e; ++asked) __builtin_prefetch(pf + asked * 64, 0, 2);
+    block<MR>(x + m * ldx, ldx, panel, k_len, out + m * ldo, ldo, ncols, bias, first);
+  }
+  for (; asked < pf_lines; ++asked) __builtin_prefetch(pf + asked * 64, 0, 2);
   const int64_t left = m1 - m;
   const float* xm = x + m * ldx;
   float* om = out + m * ldo;
@@ -96,7 +107,7 @@ inline void rows(const float* x, int64_t ldx, int64_t m0, int64_t m1, const floa
   }
   if constexpr (MR > 4) {  // AVX-512: up to 7 rows left
     block<4>(xm, ldx, panel, k_len, om, ldo, ncols, bias, first);
-    rows(x, ldx, m + 4, m1, panel, k_len, out, ldo, ncols, bias, first);
+    rows(x, ldx, m + 4, m1, panel, k_len, out, ldo, ncols, bias, first, nullptr, 0);
   }
 }
 
@@ -145,7 +156,12 @@ void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int6
         for (int64_t k0 = 0; k0 < k; k0 += KB) {
           const int64_t kn = std::min(KB, k - k0);
           const float* bp = b && k0 + kn == k ? b + p * NR : nullptr;
-          rows(xp + k0, ldx, m0, m1, pp + (p * k + k0) * NR, kn, op + p * NR, ldo, ncols, bp, k0 == 0);
+          const float* slice = pp + (p * k + k0) * NR;
+          // the next slice (of this panel, or the next panel's first) lies right after this one; with few rows the
+          // blocks are too short to hide the requests, and they only compete with the demand loads
+          const bool ask = m1 - m0 >= PREFETCH_ROWS;
+          rows(xp + k0, ldx, m0, m1, slice, kn, op + p * NR, ldo, ncols, bp, k0 == 0,
+               reinterpret_cast<const char*>(slice + kn * NR), ask ? KB * NR * int64_t(sizeof(float)) / 64 : 0);
         }
       }
     });
