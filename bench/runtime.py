@@ -100,9 +100,10 @@ class TimedRunner(ModelRunner):
         super().__init__(*args, **kwargs)
         self.last_forward_s = 0.0
 
-    def forward(self, chunks: Sequence[SeqChunk], logits_rows: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(self, chunks: Sequence[SeqChunk], logits_rows: Sequence[int] | None = None,
+                **kwargs: Any) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = super().forward(chunks, logits_rows)
+        out = super().forward(chunks, logits_rows, **kwargs)
         self.last_forward_s = time.perf_counter() - t0
         return out
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import VARIANTS, make_tiny_checkpoint
@@ -248,3 +251,16 @@ def test_a_step_of_prefill_chunks_only_still_writes_the_cache(tiny):
     assert unpack_ints(results[-1].token_ids).tolist() == _greedy_reference(hf, prompt, 1)
     expected = torch.log_softmax(hf(torch.tensor([prompt])).logits[0, -1], -1).topk(3)
     assert unpack_floats(results[-1].top_logprobs).tolist() == pytest.approx(expected.values.tolist(), abs=TOL)
+
+
+def test_the_runtime_benchmarks_runner_takes_what_the_executor_passes():
+    # bench/runtime.py times ModelRunner.forward through a subclass; it broke once when forward gained a parameter
+    import inspect
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from runtime import TimedRunner
+
+    theirs = inspect.signature(ModelRunner.forward).parameters
+    ours = inspect.signature(TimedRunner.forward).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in ours.values())
+    assert all(name in ours or takes_any for name in theirs)
