@@ -143,7 +143,8 @@ def cycle():
     x = torch.empty(32 * 2**20 // 4)
     x.fill_(1.0)  # touch every page
     del x
-cycle()
+for _ in range(3):  # the heap settles (a cycle may still grow it once while alignment padding finds its place)
+    cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(5):
     cycle()
@@ -153,11 +154,12 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
 def test_the_worker_reuses_freed_step_memory():
-    # a step's 32 MB activations: mapped afresh (8,192 faults each) by default, reused once the worker keeps them
+    # five cycles of a step's 32 MB activations: mapped afresh (8,192 faults each) by default, reused once the
+    # worker keeps them (allowing one more growth of the heap)
     def faults(mode: str) -> int:
         done = subprocess.run([sys.executable, "-c", ALLOC_CYCLES, mode], capture_output=True, text=True, timeout=60)
         assert done.returncode == 0, done.stderr
         return int(done.stdout.split()[-1])
 
-    assert faults("default") > 5 * 4000
-    assert faults("keep") < 500
+    assert faults("default") > 4 * 8192
+    assert faults("keep") < 2 * 8192

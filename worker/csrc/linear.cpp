@@ -84,8 +84,8 @@ inline void block(const float* x, int64_t ldx, const float* panel, int64_t k_len
 // Calls block<R> for rows [m0, m1) in blocks of MR, then one block of the remaining rows. Meanwhile asks for the
 // `pf_lines` cache lines at `pf` (the next panel slice) into L2, a share before each block: the weights stream from
 // memory once per step, and the hardware prefetcher stops at the end of the slice that every block then re-reads
-// from L1, so without this each slice's first block waited on memory (a batch-64 decode's matmuls took 0.90-0.94x
-// the time with it, docs/benchmarks.md).
+// from L1, so without this each slice's first block waited on memory (the model's projections at 64 rows, weights
+// from memory: 96 -> 106 GFLOP/s, docs/benchmarks.md).
 inline void rows(const float* x, int64_t ldx, int64_t m0, int64_t m1, const float* panel, int64_t k_len, float* out,
                  int64_t ldo, int64_t ncols, const float* bias, bool first, const char* pf, int64_t pf_lines) {
   const int64_t per = pf_lines / ((m1 - m0) / MR + 1) + 1;
