@@ -46,7 +46,11 @@ def random_step(query_lens, starts, *, kv_heads, group, head_dim, block_size=16,
 
 
 def compare(paged, query_lens, starts, atol=1e-5, **shape):
-    q, k, v, kv_cache, meta = random_step(query_lens, starts, **shape)
+    check(paged, *random_step(query_lens, starts, **shape), atol)
+
+
+def check(paged, q, k, v, kv_cache, meta, atol):
+    """The paged kernel's output and cache writes against TorchAttention's for one step."""
     ref_cache = kv_cache.clone()
     expected = TorchAttention().forward(q, k, v, ref_cache, meta)
     got = paged.forward(q, k, v, kv_cache, meta)
@@ -213,12 +217,7 @@ def compare_shared(paged, groups, others, want_groups, atol=1e-5, **shape):
     formed = torch.ops.nimbus.decode_groups(meta.block_tables, meta.query_start, meta.context_lens,
                                             kv_cache.shape[2])
     assert [(int(t[0]), t[1:].tolist()) for t in formed] == want_groups
-    ref_cache = kv_cache.clone()
-    expected = TorchAttention().forward(q, k, v, ref_cache, meta)
-    got = paged.forward(q, k, v, kv_cache, meta)
-    assert torch.equal(kv_cache, ref_cache), "the new tokens' K/V were not written where TorchAttention writes them"
-    err = (got.float() - expected.float()).abs().max().item()
-    assert err < atol, f"max |difference| {err}"
+    check(paged, q, k, v, kv_cache, meta, atol)
 
 
 def tile_floor(n: int) -> int:

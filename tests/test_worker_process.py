@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import subprocess
 import sys
 import time
@@ -152,7 +153,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="keep_freed_memory sets glibc's allocator only")
 def test_the_worker_reuses_freed_step_memory():
     # five cycles of a step's 32 MB activations: mapped afresh (8,192 faults each) by default, reused once the
     # worker keeps them (allowing one more growth of the heap)
