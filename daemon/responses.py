@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -120,6 +121,13 @@ class Response:
 
     async def stream(self, request: web.Request, stream: RequestStream) -> web.StreamResponse:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        # A client that leaves is an ordinary end (the caller aborts its sequences and logs it as aborted). Raised
+        # on, aiohttp would log an error with a traceback for each one; returned, it ends the response quietly.
+        with contextlib.suppress(ConnectionResetError):
+            await self._write_stream(request, resp, stream)
+        return resp
+
+    async def _write_stream(self, request: web.Request, resp: web.StreamResponse, stream: RequestStream) -> None:
         await resp.prepare(request)
         if self.req.chat:
             first = [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -138,4 +146,3 @@ class Response:
             await resp.write(self._chunk([], self.usage()))
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
-        return resp
