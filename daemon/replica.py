@@ -23,13 +23,12 @@ from protocol.messages import Error, Hello, StepResult
 from protocol.transport import RouterEndpoint
 
 log = logging.getLogger("nimbus.replica")
-# The step loop wakes its streams' readers at most once per this many seconds per stream it holds (at most
-# MAX_WAKE_INTERVAL_S; a first token and an end go out at once). With many streams on a fast model each
-# wake-up, hence each SSE write (a syscall), then carries several steps' tokens, so writing takes a bounded
-# share of the daemon's core however fast the model steps; a model slower than that has every token sent the
-# step it is made.
-WAKE_INTERVAL_PER_STREAM_S = 200e-6
-MAX_WAKE_INTERVAL_S = 0.05
+# The step loop wakes its streams' readers at most once per this many seconds per stream it holds, and at
+# most once per [scheduler] stream_interval_ms (a first token and an end go out at once). With many streams
+# on a fast model each wake-up, hence each SSE write (a syscall), then carries several steps' tokens, so
+# writing takes a bounded share of the daemon's core however fast the model steps (at most 2,500 wake-ups a
+# second); a model slower than that has every token sent the step it is made.
+WAKE_INTERVAL_PER_STREAM_S = 400e-6
 
 
 @dataclass(slots=True)
@@ -360,11 +359,16 @@ class Replica:
                     if done.preempted_seq_ids:
                         m.preemptions.inc(len(done.preempted_seq_ids))
                 unwoken |= self._emit_all(updates, now)
-                if unwoken and now - woken_at >= min(MAX_WAKE_INTERVAL_S, WAKE_INTERVAL_PER_STREAM_S * len(self.tracks)):
+                if unwoken and now - woken_at >= self.wake_interval():
                     self._wake_all()
                     unwoken, woken_at = False, now
         finally:
             self._wake_all()
+
+    def wake_interval(self) -> float:
+        """Seconds between wake-ups of this replica's stream readers while steps come faster than that."""
+        cap = self.scheduler.config.stream_interval_ms / 1000
+        return min(cap, WAKE_INTERVAL_PER_STREAM_S * len(self.tracks))
 
     def _wake_all(self) -> None:
         """Wake every stream this replica feeds (a reader with nothing new waits again)."""
