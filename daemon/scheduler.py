@@ -82,7 +82,7 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """The daemon's copy of one generation (one choice of a request: n=2 means two Sequences).
 
