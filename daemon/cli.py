@@ -145,7 +145,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--idle and --model exclude each other")
         args.model = None if args.idle else str(resolve_model(args.model, pull=True))
     module = importlib.import_module(_COMMANDS[args.command][0])
-    return int(module.run(args) or 0)
+    try:
+        return int(module.run(args) or 0)
+    except Exception as exc:
+        # bad settings get their message, not a traceback; looked up, not imported (`nimbus worker` never
+        # imports daemon code): an error raised before the config module loaded is not one of its errors
+        config = sys.modules.get("daemon.config")
+        if config is None or not isinstance(exc, config.ConfigError):
+            raise
+        print(f"nimbus {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 def _worker_link(parser: argparse.ArgumentParser, args: argparse.Namespace) -> object:

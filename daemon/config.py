@@ -158,7 +158,7 @@ def _section(cls: type, values: dict[str, Any], where: str) -> Any:
         raise ConfigError(f"unknown setting(s) in [{where}]: {', '.join(sorted(unknown))}")
     try:
         return cls(**values)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:  # a missing or extra field, or a value its own checks refuse
         raise ConfigError(f"[{where}]: {exc}") from None
 
 

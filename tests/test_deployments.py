@@ -202,3 +202,22 @@ def test_fault_settings_are_checked_where_the_version_is_defined():
         VersionSpec("v", "/m", fault="explode=1")
     with pytest.raises(DeploymentError, match="string"):
         VersionSpec("v", "/m", fault=3)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("[scheduler]\nstream_interval_ms = -5\n", "[scheduler]: stream_interval_ms must be an int from 0 to 10000"),
+    ("[scheduler]\nmax_num_seqs = 0\n", "[scheduler]: max_num_seqs must be a positive int"),
+    ("[scheduler]\nbogus = 1\n", "unknown setting(s) in [scheduler]: bogus"),
+])
+def test_nimbus_serve_refuses_bad_settings_with_their_message(tmp_path, setting, message):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    config = tmp_path / "bad.toml"
+    config.write_text(setting)
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, "-m", "daemon.cli", "serve", "--config", str(config), "--port", "1"],
+                          cwd=root, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
