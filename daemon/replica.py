@@ -26,8 +26,9 @@ log = logging.getLogger("nimbus.replica")
 # The step loop wakes its streams' readers at most once per this many seconds per stream it holds, and at
 # most once per [scheduler] stream_interval_ms (a first token and an end go out at once). With many streams
 # on a fast model each wake-up, hence each SSE write (a syscall), then carries several steps' tokens, so
-# writing takes a bounded share of the daemon's core however fast the model steps (at most 2,500 wake-ups a
-# second); a model slower than that has every token sent the step it is made.
+# writing takes a bounded share of the daemon's core however fast the model steps (2,500 wake-ups a second up
+# to 250 streams, each stream's every 100 ms beyond, by default); a model slower than that has every token sent
+# the step it is made.
 WAKE_INTERVAL_PER_STREAM_S = 400e-6
 
 
