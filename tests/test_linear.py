@@ -64,6 +64,25 @@ def test_panels_equal_f_linear(rows, bias, shape):
 
 
 @needs_panels
+@pytest.mark.parametrize("shape", [(24, 600), (100, 70)], ids=["one-panel", "several-panels"])
+def test_panels_on_one_thread(shape):
+    # the kernel's loop runs inline, not in an OpenMP region, with one thread (a worker sharing a small host) or
+    # one panel: the same sums as on two threads
+    n, k = shape
+    g = torch.Generator().manual_seed(n)
+    w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(64, k, generator=g)
+    lin = Linear(w, b, pack=False, panels=True)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = lin(x)
+    finally:
+        torch.set_num_threads(before)
+    assert_matches_f_linear(one, F.linear(x, w, b))
+    assert torch.equal(one, lin(x))
+
+
+@needs_panels
 def test_panels_beside_onednn_split_by_rows(monkeypatch):
     w, b = torch.randn(72, 64), torch.randn(72)
     lin = Linear(w, b, pack=True, panels=True)

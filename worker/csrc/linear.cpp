@@ -41,8 +41,11 @@ inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 
 // out rows [0, R) x the panel's columns [0, ncols) = x rows . panel (+ bias).
 // `first`: out holds nothing yet (else the block adds to the partial sums there); bias: added now (last pass).
+// Never inlined: inlined into the caller's loops, GCC 12 kept the accumulators on the stack (a store and a reload
+// per multiply-add) wherever the caller ran on one thread (a one-thread worker, a one-panel weight), which ran at
+// 16-20 GFLOP/s against 60-80 on its own; the OpenMP body happened to keep the good copy.
 template <int R>
-inline void block(const float* x, int64_t ldx, const float* panel, int64_t k_len, float* out, int64_t ldo,
+__attribute__((noinline)) void block(const float* x, int64_t ldx, const float* panel, int64_t k_len, float* out, int64_t ldo,
                   int64_t ncols, const float* bias, bool first) {
   vf acc[R][NB] = {};
   if (!first) {
