@@ -17,6 +17,11 @@ processes of its session), of the client, of the other server and of everything 
 
     .venv/bin/python bench/compare.py [--out /tmp/compare] [--quick] [--repeat] [--order interleaved|sequential]
         [--parts burst,online,shared-prefix] [--nimbus-config 'dtype = "bfloat16"']
+        [--nimbus-workers 2] [--vllm-data-parallel 2]
+
+Both servers run as one process group using every core by default. --nimbus-workers 2 serves from two one-thread
+workers (replicas the daemon balances between) and --vllm-data-parallel 2 from two vLLM engines, each bound to a
+core: more throughput for batches, a slower step for each request (docs/benchmarks.md, tenth pass).
 
 The ceiling (issue 7): the FLOPs each workload needs (prompt tokens x forward FLOPs without the LM head, plus
 generated tokens x full forward FLOPs, weight matmuls only) over its duration, against the float32 2048^3
@@ -66,9 +71,9 @@ class VLLM:
 
     name = "vllm"
 
-    def __init__(self, out: Path, folder: Path, python: str, dtype: str = "float32") -> None:
+    def __init__(self, out: Path, folder: Path, python: str, dtype: str = "float32", data_parallel: int = 1) -> None:
         self.out, self.folder, self.python, self.port = out, folder, python, free_port()
-        self.dtype = dtype
+        self.dtype, self.data_parallel = dtype, data_parallel
         self.proc: subprocess.Popen | None = None
         self.startup_s = 0.0
 
@@ -85,9 +90,12 @@ class VLLM:
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.folder),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.dtype,
                "--enable-prompt-tokens-details"]  # usage reports prefix-cache hits (cached tokens), as Nimbus does
+        env = {**os.environ, **VLLM_ENV}
+        if self.data_parallel > 1:  # an engine per core, each bound to its own ("0|1": vLLM's per-rank syntax)
+            cmd += ["--data-parallel-size", str(self.data_parallel)]
+            env["VLLM_CPU_OMP_THREADS_BIND"] = "|".join(str(c) for c in range(self.data_parallel))
         start = time.monotonic()
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     env={**os.environ, **VLLM_ENV})
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
         while time.monotonic() - start < 900:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"vLLM exited ({self.proc.returncode}); see {log.name}")
@@ -117,8 +125,8 @@ class Nimbus(Server):
     """`nimbus serve` with one worker on the default model (bench/serve.py's Server), timed to ready.
     `extra_config`: TOML lines for [workers] (e.g. dtype = "bfloat16"), then any other sections."""
 
-    def __init__(self, out: Path, extra_config: str = "") -> None:
-        super().__init__(out, workers=1, null_model=False, extra_config=extra_config)
+    def __init__(self, out: Path, extra_config: str = "", workers: int = 1) -> None:
+        super().__init__(out, workers=workers, null_model=False, extra_config=extra_config)
         self.name, self.startup_s = "nimbus", 0.0  # also names its config and log in out/
 
     @property
@@ -326,6 +334,10 @@ def main() -> int:
     parser.add_argument("--online-fraction", type=float, default=0.6, help="online rate / vLLM's burst req/s")
     parser.add_argument("--idle-server", choices=("pause", "run"), default="pause",
                         help="interleaved: what the server not under test does meanwhile (pause: SIGSTOP)")
+    parser.add_argument("--nimbus-workers", type=int, default=1,
+                        help="Nimbus's local workers (2 on two cores: a one-thread replica per core)")
+    parser.add_argument("--vllm-data-parallel", type=int, default=1,
+                        help="vLLM's --data-parallel-size (an engine per core, each bound to its core)")
     parser.add_argument("--nimbus-config", default="",
                         help='TOML lines for Nimbus\'s [workers], then sections, e.g. \'dtype = "bfloat16"\'')
     args = parser.parse_args()
@@ -336,6 +348,7 @@ def main() -> int:
             "platform": platform.platform(), **versions(args.vllm_python), "load_at_start": os.getloadavg()}
     print(json.dumps(info), flush=True)
     info["nimbus_config"], info["vllm_dtype"], info["idle_server"] = args.nimbus_config, args.vllm_dtype, args.idle_server
+    info["nimbus_workers"], info["vllm_data_parallel"] = args.nimbus_workers, args.vllm_data_parallel
     info["matmul_gflops_start"] = matmul_rate(2)
     flops = forward_flops(folder)
     loads = workloads(args.quick, args.sweep_requests)
@@ -365,10 +378,10 @@ def main() -> int:
         save()
 
     if args.order == "interleaved":
-        with VLLM(out, folder, args.vllm_python, args.vllm_dtype) as vllm:
+        with VLLM(out, folder, args.vllm_python, args.vllm_dtype, args.vllm_data_parallel) as vllm:
             startup["vllm"] = vllm.startup_s
             print(f"vLLM ready in {vllm.startup_s:.1f} s", flush=True)
-            with Nimbus(out, args.nimbus_config) as nimbus:
+            with Nimbus(out, args.nimbus_config, args.nimbus_workers) as nimbus:
                 startup["nimbus"] = nimbus.startup_s
                 print(f"Nimbus ready in {nimbus.startup_s:.1f} s", flush=True)
                 warm(vllm, folder)
@@ -377,8 +390,8 @@ def main() -> int:
                     for server, other in ((vllm, nimbus), (nimbus, vllm)):
                         measure(server, other, part)
     else:
-        for make in (lambda: VLLM(out, folder, args.vllm_python, args.vllm_dtype),
-                     lambda: Nimbus(out, args.nimbus_config)):
+        for make in (lambda: VLLM(out, folder, args.vllm_python, args.vllm_dtype, args.vllm_data_parallel),
+                     lambda: Nimbus(out, args.nimbus_config, args.nimbus_workers)):
             with make() as server:
                 startup[server.name] = server.startup_s
                 print(f"{server.name} ready in {server.startup_s:.1f} s", flush=True)
