@@ -43,10 +43,10 @@ inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 // `first`: out holds nothing yet (else the block adds to the partial sums there); bias: added now (last pass).
 // Never inlined: inlined into the caller's loops, GCC 12 kept the accumulators on the stack (a store and a reload
 // per multiply-add) wherever the caller ran on one thread (a one-thread worker, a one-panel weight), which ran at
-// 16-20 GFLOP/s against 60-80 on its own; the OpenMP body happened to keep the good copy.
+// 19-22 GFLOP/s against 57-79 on its own; the OpenMP body happened to keep the good copy.
 template <int R>
-__attribute__((noinline)) void block(const float* x, int64_t ldx, const float* panel, int64_t k_len, float* out, int64_t ldo,
-                  int64_t ncols, const float* bias, bool first) {
+__attribute__((noinline)) void block(const float* x, int64_t ldx, const float* panel, int64_t k_len, float* out,
+                                     int64_t ldo, int64_t ncols, const float* bias, bool first) {
   vf acc[R][NB] = {};
   if (!first) {
     alignas(64) float buf[NR] = {};

@@ -975,9 +975,14 @@ void attend(const Problem& P, const Item& it, const std::vector<Group>& groups, 
 // thread_local, and re-derived its address (a __tls_get_addr call, with a vzeroupper before it) inside their loops:
 // 437 such calls in the library. Without them, 64 decodes with their KV in cache took 0.89-0.96x the time (medians
 // of three alternating runs); from memory, over a shared prefix and in prefill, level.
+#ifdef __clang__
+#define NIMBUS_NOIPA __attribute__((noinline))
+#else
+#define NIMBUS_NOIPA __attribute__((noipa))
+#endif
 template <typename T>
-__attribute__((noipa)) void attend_dispatch(const Problem& P, const Item& it, const std::vector<Group>& groups,
-                                            Scratch& S) {
+NIMBUS_NOIPA void attend_dispatch(const Problem& P, const Item& it, const std::vector<Group>& groups,
+                                  Scratch& S) {
   switch (P.head_dim) {  // compile-time sizes for the common heads keep rows in registers
     case 32: return attend<T, 32 / W>(P, it, groups, S);
     case 64: return attend<T, 64 / W>(P, it, groups, S);
