@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tomllib
+from pathlib import Path
 
 import pytest
 
@@ -179,7 +182,6 @@ def test_judge_outcomes():
 
 
 def test_the_example_config_loads_with_and_without_its_deployments_block(tmp_path):
-    from pathlib import Path
 
     from daemon.config import ConfigError, load_config
 
@@ -210,10 +212,6 @@ def test_fault_settings_are_checked_where_the_version_is_defined():
     ("[scheduler]\nbogus = 1\n", "unknown setting(s) in [scheduler]: bogus"),
 ])
 def test_nimbus_serve_refuses_bad_settings_with_their_message(tmp_path, setting, message):
-    import subprocess
-    import sys
-    from pathlib import Path
-
     config = tmp_path / "bad.toml"
     config.write_text(setting)
     root = Path(__file__).resolve().parent.parent
