@@ -182,7 +182,6 @@ def test_judge_outcomes():
 
 
 def test_the_example_config_loads_with_and_without_its_deployments_block(tmp_path):
-
     from daemon.config import ConfigError, load_config
 
     example = Path(__file__).resolve().parent.parent / "systemd" / "nimbus.toml"
