@@ -15,8 +15,8 @@ from torch.utils import cpp_extension
 from worker import kernels
 
 # -march -> the target macros it must define, so the branches behind them are the ones compiled: Sapphire Rapids
-# has AVX-512 with the bfloat16 dot products, the widest set of branches (without AVX512-BF16 the code compiled is
-# the AVX2 build's, here, with 16-float vectors)
+# has AVX-512 with the bfloat16 dot products, the widest set of branches (AVX-512 without them compiles the
+# branches this machine's AVX2 build compiles, at 16 floats a vector)
 TARGETS = {"sapphirerapids": ("__AVX512F__", "__AVX512BF16__")}
 # the sources with code of their own for AVX-512 (the bfloat16 products; 8-row blocks of the panel matmul), compiled
 # side by side (about 12 s each here); fused_ops.cpp differs there only by vec.h's width, which these include too
