@@ -27,6 +27,10 @@ The ceiling (issue 7): the FLOPs each workload needs (prompt tokens x forward FL
 generated tokens x full forward FLOPs, weight matmuls only) over its duration, against the float32 2048^3
 matmul rate this script measures at its start (and end, to see drift).
 
+Where every request arrives at once (burst, shared-prefix, burst-repeat), the ratios also split each run at its
+last first token: the speed of the prompt phase before it and of the decode phase after it, Nimbus / vLLM (the
+burst's ratio is these two mixed; docs/benchmarks.md, eleventh pass).
+
 Needs vLLM's CPU build in /work/vllm-venv (see shared/NOTES.md; override with --vllm-python).
 """
 
@@ -297,10 +301,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def ratios(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
     """Nimbus / vLLM per workload (and per sweep rate): output tok/s (higher is better for Nimbus), p99 TTFT and
-    p99 ITL (lower is better for Nimbus)."""
+    p99 ITL (lower is better for Nimbus). Where every request arrives at once, the run splits at its last first
+    token (p99 TTFT) into the prompt phase (prefill, with the decodes already started riding along) and the decode
+    phase after it; each phase's speed Nimbus / vLLM (vLLM's time over Nimbus's) says which half moved a ratio."""
     by = {(label(r), r["server"]): r for r in rows}
     out, lines = [], ["| workload | output tok/s Nimbus / vLLM | p99 TTFT Nimbus / vLLM | p99 ITL Nimbus / vLLM "
-                      "| p50 ITL Nimbus / vLLM |", "|---|---:|---:|---:|---:|"]
+                      "| p50 ITL Nimbus / vLLM | prompt phase speed | decode phase speed |",
+                      "|---|---:|---:|---:|---:|---:|---:|"]
     for key in dict.fromkeys(label(r) for r in rows):
         n, v = by.get((key, "nimbus")), by.get((key, "vllm"))
         if not (n and v):
@@ -312,10 +319,15 @@ def ratios(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
         row = {"workload": key, "output_tok_s": q(n["output_throughput"], v["output_throughput"]),
                "ttft_p99": q(n["ttft_s"].get("p99"), v["ttft_s"].get("p99")),
                "itl_p99": q(n["itl_s"].get("p99"), v["itl_s"].get("p99")),
-               "itl_p50": q(n["itl_s"].get("p50"), v["itl_s"].get("p50"))}
+               "itl_p50": q(n["itl_s"].get("p50"), v["itl_s"].get("p50")),
+               "prompt_phase": None, "decode_phase": None}
+        if n["workload"]["workload"] in ("burst", "shared-prefix") and n["ttft_s"].get("p99") and v["ttft_s"].get("p99"):
+            row["prompt_phase"] = q(v["ttft_s"]["p99"], n["ttft_s"]["p99"])
+            row["decode_phase"] = q(v["duration_s"] - v["ttft_s"]["p99"], n["duration_s"] - n["ttft_s"]["p99"])
         out.append(row)
-        lines.append(f"| {key} | " + " | ".join("-" if row[k] is None else f"{row[k]:.2f}×"
-                                                  for k in ("output_tok_s", "ttft_p99", "itl_p99", "itl_p50")) + " |")
+        lines.append(f"| {key} | " + " | ".join(
+            "-" if row[k] is None else f"{row[k]:.2f}×"
+            for k in ("output_tok_s", "ttft_p99", "itl_p99", "itl_p50", "prompt_phase", "decode_phase")) + " |")
     return out, "\n".join(lines)
 
 
