@@ -78,8 +78,9 @@ def proc_stat(pid: int) -> tuple[int, float]:
 class Server:
     """One `nimbus serve` (optionally under a profiler), with its log and config in `out`."""
 
-    def __init__(self, out: Path, workers: int, null_model: bool, profiler: str = "none", extra_config: str = "") -> None:
-        self.port, self.workers, self.out = free_port(), workers, out
+    def __init__(self, out: Path, workers: int, null_model: bool, profiler: str = "none", extra_config: str = "",
+                 model: str | None = None) -> None:
+        self.port, self.workers, self.out, self.model = free_port(), workers, out, model  # model: default if None
         self.extra_config = extra_config  # more TOML, after [server] and [workers] (e.g. a [scheduler] section)
         self.name = f"w{workers}-{'null' if null_model else 'model'}{'-' + profiler if profiler != 'none' else ''}"
         self.null_model, self.profiler = null_model, profiler
@@ -95,8 +96,8 @@ class Server:
         config = self.out / f"{self.name}.toml"
         config.write_text(f'[server]\nadmin_keys = ["{self.admin_key}"]\n[workers]\nruntime_dir = "{self.out}/run"\n'
                           f'null_model = {str(self.null_model).lower()}\n{self.extra_config}\n')
-        serve = ["-m", "daemon.cli", "serve", "--port", str(self.port), "--workers", str(self.workers),
-                 "--config", str(config)]
+        serve = ["-m", "daemon.cli", "serve", *([self.model] if self.model else []), "--port", str(self.port),
+                 "--workers", str(self.workers), "--config", str(config)]
         if self.profiler == "py-spy":  # py-spy launches the daemon: attaching by pid is refused in some sandboxes
             return [py_spy(), "record", "--format", "raw", "--rate", "200", "-o", str(self.out / f"{self.name}.txt"),
                     "--", sys.executable, *serve]
