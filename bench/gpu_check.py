@@ -57,11 +57,11 @@ WHEELS = ("pyzmq",)
 NEEDED = ("zmq", "msgpack", "uvloop", "aiohttp", "safetensors", "tokenizers", "transformers", "jinja2", "numpy",
           "prometheus_client")
 PROMPTS = [
-    "What is the capital of France?",
-    "Write a haiku about the sea.",
-    "Explain in one sentence what a hash table is.",
-    "List three prime numbers.",
-    "Give me a short tip for learning to cook.",
+    "Name the largest planet in the solar system.",
+    "Translate 'good morning' into French.",
+    "Summarise the plot of Hamlet in one line.",
+    "What does a compiler do?",
+    "Suggest a name for a pet turtle.",
 ]
 BLOCK = 16
 
@@ -198,26 +198,11 @@ def part_model(folder: Path) -> dict[str, Any]:
 
 def nimbus_greedy(folder: Path, device: Any, dtype: Any, prompts: list[list[int]], new: int) -> list[list[int]]:
     """Greedy tokens from the worker's own step path, every prompt in one batch."""
-    from protocol.messages import NewSequence, SamplingParams, Step, pack_ints, unpack_ints
-    from worker.executor import StepExecutor
+    from worker.executor import StepExecutor, greedy
     from worker.runner import ModelRunner
 
     runner = ModelRunner(folder, device=device, dtype=dtype, kv_cache_bytes=256 * 2**20, max_model_len=1024)
-    executor = StepExecutor(runner)
-    blocks = iter(range(runner.num_blocks))
-    seqs = []
-    for i, p in enumerate(prompts):
-        table = [next(blocks) for _ in range(-(-(len(p) + new) // runner.block_size))]
-        seqs.append(NewSequence(i, pack_ints(p), len(p), 0, pack_ints(table), SamplingParams(temperature=0.0)))
-    ids = pack_ints(range(len(prompts)))
-    got: list[list[int]] = [[] for _ in prompts]
-    step = Step(step_id=0, new_seqs=tuple(seqs), seq_ids=ids, num_tokens=pack_ints(len(p) for p in prompts))
-    for k in range(new):
-        result = executor.execute(step)
-        for sid, token in zip(unpack_ints(result.seq_ids), unpack_ints(result.token_ids)):
-            got[sid].append(token)
-        step = Step(step_id=k + 1, seq_ids=ids, num_tokens=pack_ints([1] * len(prompts)))
-    return got
+    return greedy(StepExecutor(runner), prompts, new)
 
 
 def part_greedy(folder: Path, device: Any, model_dtype: Any, new: int) -> dict[str, Any]:

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from daemon.models import pull
-from protocol.messages import NewSequence, SamplingParams, Step, pack_ints, unpack_ints
-from worker.executor import StepExecutor
+from worker.executor import StepExecutor, greedy
 from worker.runner import ModelRunner
 
 PROMPTS = [
@@ -43,18 +42,4 @@ def test_batched_greedy_equals_transformers_generate(folder):
     del hf
 
     runner = ModelRunner(folder, device="cpu", kv_cache_bytes=64 * 1024**2, max_model_len=1024)
-    executor = StepExecutor(runner)
-    blocks = iter(range(runner.num_blocks))
-    new = []
-    for i, p in enumerate(prompts):
-        table = [next(blocks) for _ in range(-(-(len(p) + NEW_TOKENS) // runner.block_size))]
-        new.append(NewSequence(i, pack_ints(p), len(p), 0, pack_ints(table), SamplingParams(temperature=0.0)))
-    ids = pack_ints(range(len(prompts)))
-    got: list[list[int]] = [[] for _ in prompts]
-    step = Step(step_id=0, new_seqs=tuple(new), seq_ids=ids, num_tokens=pack_ints(len(p) for p in prompts))
-    for k in range(NEW_TOKENS):
-        result = executor.execute(step)
-        for sid, token in zip(unpack_ints(result.seq_ids), unpack_ints(result.token_ids)):
-            got[sid].append(token)
-        step = Step(step_id=k + 1, seq_ids=ids, num_tokens=pack_ints([1] * len(prompts)))
-    assert got == expected
+    assert greedy(StepExecutor(runner), prompts, NEW_TOKENS) == expected

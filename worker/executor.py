@@ -10,7 +10,15 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.messages import SamplingParams, Step, StepResult, pack_floats, pack_ints, unpack_ints
+from protocol.messages import (
+    NewSequence,
+    SamplingParams,
+    Step,
+    StepResult,
+    pack_floats,
+    pack_ints,
+    unpack_ints,
+)
 from worker.runner import ModelRunner, SeqChunk
 from worker.sampler import SampleOutput, SamplingBatch, sample
 
@@ -150,3 +158,23 @@ class StepExecutor:
             forward_s=time.perf_counter() - t0,
             **fields,
         )
+
+
+def greedy(executor: StepExecutor, prompts: list[list[int]], new_tokens: int) -> list[list[int]]:
+    """Greedy tokens for `prompts`, batched, through the executor as the worker runs steps (blocks taken from the
+    start of its pool). What checks against other implementations use: tests/test_smollm2.py, bench/gpu_check.py."""
+    runner = executor.runner
+    blocks = iter(range(runner.num_blocks))
+    seqs = []
+    for i, p in enumerate(prompts):
+        table = [next(blocks) for _ in range(-(-(len(p) + new_tokens) // runner.block_size))]
+        seqs.append(NewSequence(i, pack_ints(p), len(p), 0, pack_ints(table), SamplingParams(temperature=0.0)))
+    ids = pack_ints(range(len(prompts)))
+    got: list[list[int]] = [[] for _ in prompts]
+    step = Step(step_id=0, new_seqs=tuple(seqs), seq_ids=ids, num_tokens=pack_ints(len(p) for p in prompts))
+    for k in range(new_tokens):
+        result = executor.execute(step)
+        for sid, token in zip(unpack_ints(result.seq_ids), unpack_ints(result.token_ids)):
+            got[sid].append(token)
+        step = Step(step_id=k + 1, seq_ids=ids, num_tokens=pack_ints([1] * len(prompts)))
+    return got
