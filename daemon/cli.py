@@ -42,6 +42,8 @@ def _add_worker(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default per device)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     p.add_argument("--kv-cache-memory", default=None, help="KV cache size on CPU, e.g. 2GiB")
+    p.add_argument("--kv-cache-dtype", default=None,
+                   help="auto (the model's dtype) or, for a float32 model, bfloat16: half the KV bytes")
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--max-model-len", type=int, default=None, help="cap on tokens per sequence")
     p.add_argument("--worker-id", default=None, help="identity on the wire (default host-pid)")

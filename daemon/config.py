@@ -73,6 +73,8 @@ class WorkersConfig:
     device: str | None = None  # cpu, cuda (one worker per visible GPU) or cuda:N
     dtype: str | None = None
     kv_cache_memory: str = "2GiB"  # per worker, on CPU; GPUs use a fraction of free memory
+    # "auto": the model's dtype; "bfloat16" under a float32 model holds twice the sequences (vLLM's kv_cache_dtype)
+    kv_cache_dtype: str = "auto"
     threads: int | None = None  # torch threads per CPU worker; None = the cores split between workers
     block_size: int = 16
     runtime_dir: str | None = None  # where the ipc:// socket lives; default $XDG_RUNTIME_DIR/nimbus
@@ -105,6 +107,7 @@ class WorkersConfig:
             raise ConfigError("workers.heartbeat_timeout_s must exceed workers.heartbeat_interval_s")
         if self.bind is not None:
             _check_bind(self.bind, self.keys_dir, self.allow_plain_tcp)
+        _check_kv_dtype(self.kv_cache_dtype, self.dtype)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,16 @@ class NimbusConfig:
 
 
 _SECTIONS = {f.name: f.default_factory for f in fields(NimbusConfig) if f.name != "deployments"}  # type: ignore[misc]
+
+
+def _check_kv_dtype(kv: str, dtype: str | None) -> None:
+    """The worker's rule (worker/runner.py kv_dtype), checked at start: the model's dtype, or bfloat16 under
+    float32 (an unset dtype is float32 on CPU and bfloat16 on GPU: bfloat16 suits both)."""
+    if kv not in ("auto", "float32", "bfloat16", "float16"):
+        raise ConfigError(f"workers.kv_cache_dtype must be auto, float32, bfloat16 or float16, not {kv!r}")
+    if kv not in ("auto", dtype) and not (kv == "bfloat16" and dtype in (None, "float32")):
+        raise ConfigError(f"workers.kv_cache_dtype = {kv!r} with workers.dtype = {dtype or 'the default'!r}: "
+                          f"use 'auto' (the model's dtype) or, for a float32 model, 'bfloat16'")
 
 
 def _check_bind(bind: str, keys_dir: str | None, allow_plain_tcp: bool) -> None:

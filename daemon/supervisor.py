@@ -118,6 +118,8 @@ class LocalWorkers:
             cmd += ["--threads", str(spec.threads)]
         if c.dtype:
             cmd += ["--dtype", c.dtype]
+        if c.kv_cache_dtype != "auto":
+            cmd += ["--kv-cache-dtype", c.kv_cache_dtype]
         if c.null_model:
             cmd.append("--null-model")
         if c.fault:

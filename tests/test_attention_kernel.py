@@ -92,6 +92,33 @@ def test_bfloat16_matches_torch(paged, shape):
     compare(paged, [1, 1, 20, 1, 50], [30, 200, 0, 7, 90], atol=3e-2, dtype=torch.bfloat16, **shape)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_float32_queries_over_a_bfloat16_cache(paged, shape):
+    # a two-byte KV cache under a float32 model (kv_cache_dtype): the new rows are rounded to nearest even as
+    # torch rounds them (the cache must come out equal), and both read the same bfloat16 values into float32
+    # products, so the outputs agree to float32's tolerance
+    for query_lens, starts in (([1, 1, 20, 1, 50], [30, 200, 0, 7, 90]), ([1] * 40, list(range(5, 400, 10)))):
+        q, k, v, kv_cache, meta = random_step(query_lens, starts, **shape)
+        check(paged, q, k, v, kv_cache.to(torch.bfloat16), meta, atol=1e-5)
+
+
+def test_float32_queries_over_a_bfloat16_cache_in_decode_groups(paged):
+    groups = [(5, [(1, 80), (1, 81), (1, 95), (1, 100), (1, 130), (1, 200)])]
+    q, k, v, kv_cache, meta = shared_step(groups, [(1, 30), (7, 60)], kv_heads=3, group=3, head_dim=64)
+    formed = torch.ops.nimbus.decode_groups(meta.block_tables, meta.query_start, meta.context_lens, 16)
+    assert [(int(t[0]), t[1:].tolist()) for t in formed] == [(80, [0, 1, 2, 3, 4, 5])]
+    check(paged, q, k, v, kv_cache.to(torch.bfloat16), meta, atol=1e-5)
+
+
+def test_a_cache_of_another_dtype_is_refused():
+    q, k, v, kv_cache, meta = random_step([1, 4], [10, 0], kv_heads=2, group=2, head_dim=64, dtype=torch.bfloat16)
+    paged = PagedCpuAttention()
+    with pytest.raises(RuntimeError, match="bfloat16 under float32"):
+        paged.forward(q, k, v, kv_cache.float(), meta)  # a float32 cache under bfloat16 queries
+    with pytest.raises(RuntimeError, match="has dtype"):
+        paged.forward(q.float(), k, v, kv_cache, meta)  # q float32, k and v bfloat16
+
+
 @pytest.mark.parametrize("dtype, atol, cases", [(torch.float32, 1e-5, 20), (torch.bfloat16, 3e-2, 12)],
                          ids=["float32", "bfloat16"])
 def test_random_layouts(paged, dtype, atol, cases):

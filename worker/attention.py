@@ -115,8 +115,9 @@ class TorchAttention:
     ) -> torch.Tensor:
         key_cache, value_cache = kv_cache[0], kv_cache[1]
         num_blocks, block_size, kv_heads, head_dim = key_cache.shape
-        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
-        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+        # a cache narrower than the model (kv_cache_dtype) holds the rows rounded; reads widen them back
+        key_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k.to(key_cache.dtype))
+        value_cache.view(-1, kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v.to(value_cache.dtype))
         out = torch.empty_like(q)
         if meta.decode_token_idx is not None:
             out[meta.decode_token_idx] = self._decode(q[meta.decode_token_idx], key_cache, value_cache, meta)
@@ -129,8 +130,8 @@ class TorchAttention:
         tables = meta.decode_block_tables
         d, width = tables.shape
         _, block_size, kv_heads, head_dim = key_cache.shape
-        keys = key_cache[tables].view(d, width * block_size, kv_heads, head_dim).transpose(1, 2)
-        values = value_cache[tables].view(d, width * block_size, kv_heads, head_dim).transpose(1, 2)
+        keys = key_cache[tables].view(d, width * block_size, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
+        values = value_cache[tables].view(d, width * block_size, kv_heads, head_dim).transpose(1, 2).to(q.dtype)
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2), keys, values, attn_mask=meta.decode_mask, enable_gqa=True
         )
@@ -138,7 +139,7 @@ class TorchAttention:
 
     @staticmethod
     def _prefill(q: torch.Tensor, kv_cache: torch.Tensor, group: PrefillGroup):
-        keys, values = _gather_context(kv_cache, group)
+        keys, values = (x.to(q.dtype) for x in _gather_context(kv_cache, group))
         out = F.scaled_dot_product_attention(
             q.transpose(0, 1).unsqueeze(0),
             keys.unsqueeze(0),
@@ -153,7 +154,7 @@ class TorchAttention:
 class PagedCpuAttention:
     """CPU backend on the C++ kernel in worker/csrc/paged_attention.cpp: reads each sequence's K/V blocks in
     place (no gather, no padding) and runs every decode and prefill row of a step in one call per layer, on
-    the torch intra-op threads. float32 and bfloat16.
+    the torch intra-op threads. float32 and bfloat16, and float32 over a bfloat16 cache (kv_cache_dtype).
 
     With `sdpa_prefill`, the kernel writes the step's K/V and attends the decodes only, and each prefill chunk
     goes through torch's scaled_dot_product_attention instead: on CPUs with AMX, its bfloat16 flash attention
@@ -195,10 +196,10 @@ class PagedCpuAttention:
         if sdpa:
             for group in meta.prefills:
                 rows = group.token_slice
-                if group.mask is None:  # the chunk is the whole context: its keys are the new ones
+                if group.mask is None and kv_cache.dtype == q.dtype:  # the whole context: its keys are the new ones
                     keys, values = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                else:
-                    keys, values = _gather_context(kv_cache, group)
+                else:  # (from a narrower cache, as rounded there, so later decodes see the same keys)
+                    keys, values = (x.to(q.dtype) for x in _gather_context(kv_cache, group))
                 out[rows] = F.scaled_dot_product_attention(
                     q[rows].transpose(0, 1).unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
                     attn_mask=group.mask, is_causal=group.mask is None, enable_gqa=True,
@@ -211,7 +212,7 @@ def _gather_context(kv_cache: torch.Tensor, group: PrefillGroup) -> tuple[torch.
     kv_heads, head_dim = kv_cache.shape[3:]
     keys = kv_cache[0][group.block_ids].view(-1, kv_heads, head_dim)[: group.context_len]
     values = kv_cache[1][group.block_ids].view(-1, kv_heads, head_dim)[: group.context_len]
-    return keys.transpose(0, 1), values.transpose(0, 1)
+    return keys.transpose(0, 1), values.transpose(0, 1)  # in the cache's dtype: callers widen as they need
 
 
 BACKENDS = ("torch", "paged")

@@ -260,7 +260,7 @@ def make_loader(args: argparse.Namespace) -> Loader:
             return NullExecutor(NullRunner.from_folder(msg.model, max_len), worker_id=worker_id), faults
         kv_bytes = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
         runner = ModelRunner(msg.model, device=args.device, dtype=msg.dtype or args.dtype, kv_cache_bytes=kv_bytes,
-                             block_size=args.block_size, max_model_len=max_len)
+                             block_size=args.block_size, max_model_len=max_len, kv_cache_dtype=args.kv_cache_dtype)
         return StepExecutor(runner, worker_id=worker_id), faults
     return load
 

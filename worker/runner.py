@@ -34,6 +34,19 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale ** "_KMGT".index(m.group(2).upper() or "_"))
 
 
+def kv_dtype(choice: str | torch.dtype | None, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the model's ('auto' or None), or bfloat16 under a float32 model (like vLLM's
+    kv_cache_dtype: twice the sequences in the same memory; the default model's greedy output parts from float32's
+    only where two tokens were near-tied, docs/benchmarks.md)."""
+    if choice is None or choice == "auto":
+        return dtype
+    kv = DTYPES.get(choice) if isinstance(choice, str) else choice
+    if kv != dtype and not (dtype == torch.float32 and kv == torch.bfloat16):
+        raise ValueError(f"kv_cache_dtype {choice!r} with a {str(dtype).removeprefix('torch.')} model: "
+                         f"use 'auto' (the model's dtype) or, for a float32 model, 'bfloat16'")
+    return kv
+
+
 def default_device() -> torch.device:
     return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
 
@@ -63,11 +76,13 @@ class ModelRunner:
         max_model_len: int | None = None,
         gpu_memory_utilization: float = 0.9,
         attention: AttentionBackend | None = None,
+        kv_cache_dtype: str | torch.dtype | None = None,
     ) -> None:
         self.folder = Path(folder)
         self.config = ModelConfig.from_folder(self.folder)
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = DTYPES[dtype] if isinstance(dtype, str) else (dtype or default_dtype(self.device))
+        self.kv_dtype = kv_dtype(kv_cache_dtype, self.dtype)
         self.block_size = block_size
         self.max_model_len = min(max_model_len or self.config.max_position_embeddings,
                                  self.config.max_position_embeddings)
@@ -78,17 +93,17 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(kv_cache_bytes, gpu_memory_utilization)
         c = self.config
         shape = (c.num_layers, 2, self.num_blocks, block_size, c.num_kv_heads, c.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_dtype, device=self.device)
         self.kv_layers = list(self.kv_cache.unbind(0))
-        log.info("loaded %s on %s (%s, weights %s): weights %.1f MiB, %d KV blocks of %d tokens (%.1f MiB)",
+        log.info("loaded %s on %s (%s, weights %s): weights %.1f MiB, %d KV blocks of %d tokens (%.1f MiB, %s)",
                  self.folder.name, self.device, self.dtype, self.model.weight_layouts(),
                  self.weight_bytes / 2**20, self.num_blocks, block_size,
-                 self.num_blocks * self.kv_bytes_per_block / 2**20)
+                 self.num_blocks * self.kv_bytes_per_block / 2**20, self.kv_dtype)
 
     @property
     def kv_bytes_per_block(self) -> int:
         c = self.config
-        elem = torch.tensor([], dtype=self.dtype).element_size()
+        elem = self.kv_dtype.itemsize
         return c.num_layers * 2 * self.block_size * c.num_kv_heads * c.head_dim * elem
 
     @property

@@ -4,7 +4,8 @@
 // Layouts (as worker/attention.py documents them):
 //   q, out          [T, H, D]    new tokens of all sequences, flattened; last dim contiguous
 //   k, v            [T, KVH, D]  new tokens' keys/values, written into the pool at slot_mapping first
-//   key/value pool  [num_blocks, block_size, KVH, D] contiguous (one layer)
+//   key/value pool  [num_blocks, block_size, KVH, D] contiguous (one layer); q's dtype, or bfloat16 under float32
+//                   q (a two-byte cache: half the bytes decode reads, twice the sequences in the same memory)
 //   block_tables    int32 [S, W] block ids of each sequence, in position order (padding never read)
 //   query_start     int32 [S+1]  rows of sequence s are query_start[s] .. query_start[s+1]-1
 //   context_lens    int32 [S]    positions attended after this step; the chunk ends at the last one
@@ -309,7 +310,7 @@ inline int64_t with_rows(int64_t n, F&& f) {
 // Decode: one query token, the G query heads of each kv head in [head_begin, head_end). Two passes over the
 // context: scores for every key (K read once, position by position across the heads), softmax over whole
 // rows, then the weighted sum of V (read once). Scores for a whole context fit the scratch easily.
-template <typename T, int NVC>
+template <typename Q, typename T, int NVC>
 void decode(const Problem& P, const Item& it, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   constexpr int NV = NVC ? NVC : MAX_NV;
@@ -321,7 +322,7 @@ void decode(const Problem& P, const Item& it, Scratch& S) {
   Scratch::fit(S.acc, heads * d);
   Scratch::fit(S.s, heads * stride);
   if (S.rows.size() < size_t(stride)) S.rows.resize(stride);
-  const T* q = static_cast<const T*>(P.q) + row * P.q_token_stride;
+  const Q* q = static_cast<const Q*>(P.q) + row * P.q_token_stride;
   for (int64_t i = 0; i < heads; ++i)
     for (int c = 0; c < nv; ++c)
       storeu(S.q.data() + i * d + c * W, loadv(q + (h0 * G + i) * P.q_head_stride + c * W) * P.scale);
@@ -359,7 +360,7 @@ void decode(const Problem& P, const Item& it, Scratch& S) {
         });
       }
   }
-  T* out = static_cast<T*>(P.out) + row * P.out_token_stride;
+  Q* out = static_cast<Q*>(P.out) + row * P.out_token_stride;
   alignas(64) float buf[MAX_NV * W];
   for (int64_t i = 0; i < heads; ++i) {
     for (int c = 0; c < nv; ++c) storeu(buf + c * W, loadu(S.acc.data() + i * d + c * W) * inv[i]);
@@ -502,7 +503,7 @@ inline float online_softmax(float* sr, int64_t vis, int64_t width, float& row_ma
 // Keys are staged KC at a time into float scratch (K transposed in tiles of W, V as rows), shared by every row;
 // then scores for all rows (a small matrix product), one online-softmax update per row per stage, and the
 // weighted sum of V (another small matrix product). Tiles wholly in a row block's future are skipped.
-template <typename T, int NVC>
+template <typename Q, typename T, int NVC>
 void prefill(const Problem& P, const Item& it, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
@@ -519,10 +520,10 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
   Scratch::fit(S.sum, nrows);
   if (S.rows.size() < size_t(KC)) S.rows.resize(KC);
   const int64_t head0 = kv_head * G;
-  const T* q = static_cast<const T*>(P.q);
+  const Q* q = static_cast<const Q*>(P.q);
   for (int64_t t = 0; t < tokens; ++t)
     for (int64_t g = 0; g < G; ++g) {
-      const T* src = q + (first_row + t) * P.q_token_stride + (head0 + g) * P.q_head_stride;
+      const Q* src = q + (first_row + t) * P.q_token_stride + (head0 + g) * P.q_head_stride;
       for (int c = 0; c < nv; ++c) storeu(S.q.data() + (t * G + g) * d + c * W, loadv(src + c * W) * P.scale);
     }
   std::fill_n(S.acc.data(), nrows * d, 0.0f);
@@ -563,7 +564,7 @@ void prefill(const Problem& P, const Item& it, Scratch& S) {
       r0 += with_rows<VR>(nr, [&]<int RR>() { value_rows<RR>(s + r0 * KC, KC, v, d, nk, nv, acc); });
     }
   }
-  T* out = static_cast<T*>(P.out);
+  Q* out = static_cast<Q*>(P.out);
   alignas(64) float buf[MAX_NV * W];
   for (int64_t r = 0; r < nrows; ++r) {
     const float* a = S.acc.data() + r * d;
@@ -858,7 +859,7 @@ void decode_dp(const Problem& P, const Item& it, Scratch& S) {
 // positions [0, shared) go as in a prefill stage (keys staged KC at a time, shared by all the item's rows, online
 // softmax), without a causal mask; then each member's own positions [shared, context) go as in `decode`, and the
 // two parts are merged by their maxima. Rows are member * G + head.
-template <typename T, int NVC>
+template <typename Q, typename T, int NVC>
 void group_decode(const Problem& P, const Item& it, const Group& grp, Scratch& S) {
   const int nv = NVC ? NVC : int(P.head_dim / W);
   constexpr int NV = NVC ? NVC : MAX_NV;
@@ -877,10 +878,10 @@ void group_decode(const Problem& P, const Item& it, const Group& grp, Scratch& S
   Scratch::fit(S.max, nrows);
   Scratch::fit(S.sum, nrows);
   if (S.rows.size() < size_t(std::max<int64_t>(KC, own_stride))) S.rows.resize(std::max<int64_t>(KC, own_stride));
-  const T* q = static_cast<const T*>(P.q);
+  const Q* q = static_cast<const Q*>(P.q);
   for (int64_t m = 0; m < n; ++m)
     for (int64_t g = 0; g < G; ++g) {
-      const T* src = q + P.query_start[members[m]] * P.q_token_stride + (h * G + g) * P.q_head_stride;
+      const Q* src = q + P.query_start[members[m]] * P.q_token_stride + (h * G + g) * P.q_head_stride;
       for (int c = 0; c < nv; ++c) storeu(S.q.data() + (m * G + g) * d + c * W, loadv(src + c * W) * P.scale);
     }
   std::fill_n(S.acc.data(), nrows * d, 0.0f);
@@ -912,7 +913,7 @@ void group_decode(const Problem& P, const Item& it, const Group& grp, Scratch& S
       });
   }
 
-  T* out = static_cast<T*>(P.out);
+  Q* out = static_cast<Q*>(P.out);
   alignas(64) float buf[MAX_NV * W];
   for (int64_t m = 0; m < n; ++m) {
     const int32_t seq = members[m];
@@ -957,18 +958,20 @@ void group_decode(const Problem& P, const Item& it, const Group& grp, Scratch& S
   }
 }
 
-template <typename T, int NVC>
+// Q: the type of q and out (the model's); T: the cache's (the same, or bfloat16 under float32 queries).
+template <typename Q, typename T, int NVC>
 void attend(const Problem& P, const Item& it, const std::vector<Group>& groups, Scratch& S) {
-  if (it.group >= 0) return group_decode<T, NVC>(P, it, groups[it.group], S);
+  if (it.group >= 0) return group_decode<Q, T, NVC>(P, it, groups[it.group], S);
 #ifdef __AVX512BF16__
-  if constexpr (std::is_same_v<T, c10::BFloat16> && NVC > 0 && NVC % 2 == 0)
+  constexpr bool all_bf16 = std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>;
+  if constexpr (all_bf16 && NVC > 0 && NVC % 2 == 0)
     if (P.dp_decode && P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode_dp<NVC / 2>(P, it, S);
 #endif
-  if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode<T, NVC>(P, it, S);
+  if (P.query_start[it.seq + 1] - P.query_start[it.seq] == 1) return decode<Q, T, NVC>(P, it, S);
 #ifdef __AVX512BF16__
-  if constexpr (std::is_same_v<T, c10::BFloat16> && NVC > 0 && NVC % 2 == 0) return prefill_dp<NVC / 2>(P, it, S);
+  if constexpr (all_bf16 && NVC > 0 && NVC % 2 == 0) return prefill_dp<NVC / 2>(P, it, S);
 #endif
-  prefill<T, NVC>(P, it, S);
+  prefill<Q, T, NVC>(P, it, S);
 }
 
 // Kept out of interprocedural optimisation: GCC otherwise specialised the kernels for their one caller's scratch, a
@@ -980,14 +983,14 @@ void attend(const Problem& P, const Item& it, const std::vector<Group>& groups, 
 #else
 #define NIMBUS_NOIPA __attribute__((noipa))
 #endif
-template <typename T>
+template <typename Q, typename T>
 NIMBUS_NOIPA void attend_dispatch(const Problem& P, const Item& it, const std::vector<Group>& groups,
                                   Scratch& S) {
   switch (P.head_dim) {  // compile-time sizes for the common heads keep rows in registers
-    case 32: return attend<T, 32 / W>(P, it, groups, S);
-    case 64: return attend<T, 64 / W>(P, it, groups, S);
-    case 128: return attend<T, 128 / W>(P, it, groups, S);
-    default: return attend<T, 0>(P, it, groups, S);
+    case 32: return attend<Q, T, 32 / W>(P, it, groups, S);
+    case 64: return attend<Q, T, 64 / W>(P, it, groups, S);
+    case 128: return attend<Q, T, 128 / W>(P, it, groups, S);
+    default: return attend<Q, T, 0>(P, it, groups, S);
   }
 }
 
@@ -1072,20 +1075,26 @@ std::vector<Item> make_items(const Problem& P, int64_t num_seqs, int64_t threads
   return items;
 }
 
-template <typename T>
+// The step's new K or V rows (type Q) into the cache (type T): copied, or rounded to bfloat16 under float32.
+template <typename Q, typename T>
 void write_cache(const at::Tensor& src, const at::Tensor& cache, const int64_t* slots, int64_t kv_heads,
                  int64_t d) {
-  const T* s = src.const_data_ptr<T>();
+  const Q* s = src.const_data_ptr<Q>();
   T* c = cache.data_ptr<T>();
   const int64_t n = src.size(0);
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t h = 0; h < kv_heads; ++h)
-      std::memcpy(c + (slots[t] * kv_heads + h) * d, s + t * src.stride(0) + h * src.stride(1), d * sizeof(T));
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const Q* row = s + t * src.stride(0) + h * src.stride(1);
+      if constexpr (std::is_same_v<Q, T>)
+        std::memcpy(c + (slots[t] * kv_heads + h) * d, row, d * sizeof(T));
+      else
+        store_row(c + (slots[t] * kv_heads + h) * d, row, d);
+    }
 }
 
 void check_rows(const at::Tensor& x, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1, name, " must be [tokens, heads, head_dim], last dim contiguous");
-  TORCH_CHECK(x.scalar_type() == dtype, name, " has dtype ", x.scalar_type(), ", the cache ", dtype);
+  TORCH_CHECK(x.scalar_type() == dtype, name, " has dtype ", x.scalar_type(), ", q ", dtype);
 }
 
 void check_int32(const at::Tensor& x, const char* name, int64_t dims) {
@@ -1102,14 +1111,16 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
                      bool decode_only, bool dp_decode) {
   TORCH_CHECK(kv_cache.dim() == 5 && kv_cache.size(0) == 2 && kv_cache.is_contiguous(),
               "kv_cache must be a contiguous [2, num_blocks, block_size, kv_heads, head_dim] tensor");
-  const auto dtype = kv_cache.scalar_type();
+  const auto dtype = kv_cache.scalar_type(), qtype = q.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "float32 or bfloat16 only, got ", dtype);
+  TORCH_CHECK(qtype == dtype || (qtype == at::kFloat && dtype == at::kBFloat16), "q in ", qtype, " with a ", dtype,
+              " cache: the cache holds q's dtype, or bfloat16 under float32");
   const int64_t kv_heads = kv_cache.size(3), d = kv_cache.size(4);
   TORCH_CHECK(d % 16 == 0 && d <= MAX_NV * W, "head_dim must be a multiple of 16 up to 256, got ", d);
-  check_rows(q, "q", dtype);
-  check_rows(k, "k", dtype);
-  check_rows(v, "v", dtype);
-  check_rows(out, "out", dtype);
+  check_rows(q, "q", qtype);
+  check_rows(k, "k", qtype);
+  check_rows(v, "v", qtype);
+  check_rows(out, "out", qtype);
   TORCH_CHECK(q.size(2) == d && k.size(1) == kv_heads && v.size(1) == kv_heads && q.size(1) % kv_heads == 0,
               "head shapes of q/k/v do not match the cache");
   TORCH_CHECK(out.sizes() == q.sizes(), "out must have q's shape");
@@ -1143,12 +1154,17 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
       TORCH_CHECK(tables[s * width + b] >= 0 && tables[s * width + b] < num_blocks, "sequence ", s, " block ", b,
                   " = ", tables[s * width + b], " is not in the pool of ", num_blocks);
   }
+  using BF16 = c10::BFloat16;
+  const bool mixed = qtype != dtype;  // float32 q, bfloat16 cache
   if (dtype == at::kFloat) {
-    write_cache<float>(k, key_cache, slots, kv_heads, d);
-    write_cache<float>(v, value_cache, slots, kv_heads, d);
+    write_cache<float, float>(k, key_cache, slots, kv_heads, d);
+    write_cache<float, float>(v, value_cache, slots, kv_heads, d);
+  } else if (mixed) {
+    write_cache<float, BF16>(k, key_cache, slots, kv_heads, d);
+    write_cache<float, BF16>(v, value_cache, slots, kv_heads, d);
   } else {
-    write_cache<c10::BFloat16>(k, key_cache, slots, kv_heads, d);
-    write_cache<c10::BFloat16>(v, value_cache, slots, kv_heads, d);
+    write_cache<BF16, BF16>(k, key_cache, slots, kv_heads, d);
+    write_cache<BF16, BF16>(v, value_cache, slots, kv_heads, d);
   }
 
   Problem P{q.const_data_ptr(), out.data_ptr(), key_cache.const_data_ptr(), value_cache.const_data_ptr(),
@@ -1166,9 +1182,11 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
     thread_local Scratch scratch;
     for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) {
       if (dtype == at::kFloat)
-        attend_dispatch<float>(P, items[i], groups, scratch);
+        attend_dispatch<float, float>(P, items[i], groups, scratch);
+      else if (mixed)
+        attend_dispatch<float, BF16>(P, items[i], groups, scratch);
       else
-        attend_dispatch<c10::BFloat16>(P, items[i], groups, scratch);
+        attend_dispatch<BF16, BF16>(P, items[i], groups, scratch);
     }
   });
 }
