@@ -1,6 +1,6 @@
 """A two-byte KV cache under a float32 model (`[workers] kv_cache_dtype`): the configuration's check, the daemon's
 flag to its workers, and the pool the worker builds from it. The kernel's arithmetic over it is tested in
-test_attention_kernel.py, and the default model's greedy output with it in test_smollm2.py."""
+test_attention_kernel.py, and the default model's logits with it in test_smollm2.py."""
 
 from __future__ import annotations
 
