@@ -11,14 +11,16 @@ from worker import kernels
 from worker.attention import AttentionMetadata, PagedCpuAttention, TorchAttention, select_attention
 
 
-@pytest.fixture(scope="module", params=[(False, False), (True, False), (False, True)],
-                ids=["kernel-prefill", "sdpa-prefill", "dp-decode"])
+@pytest.fixture(scope="module", params=[(False, False, False), (True, False, False), (False, True, False),
+                                        (False, False, True)],
+                ids=["kernel-prefill", "sdpa-prefill", "dp-decode", "amx-prefill"])
 def paged(request):
-    # every comparison runs three times: the kernel attending every row; the kernel attending the decodes while
-    # SDPA takes the prefill chunks (the AMX default for bfloat16; it runs on any CPU); and bfloat16 decodes on
-    # vdpbf16ps (the default on AVX512-BF16 without AMX; elsewhere the float path runs either way)
-    sdpa_prefill, dp_decode = request.param
-    return PagedCpuAttention(sdpa_prefill=sdpa_prefill, dp_decode=dp_decode)
+    # every comparison runs four times: the kernel attending every row; the kernel attending the decodes while
+    # SDPA takes the prefill chunks (it runs on any CPU); bfloat16 decodes on vdpbf16ps (the default on AVX512-BF16
+    # without AMX; elsewhere the float path runs either way); and bfloat16 prefill on AMX tiles (the default where
+    # the CPU has them, see test_amx_prefill_runs_where_the_cpu_has_amx; elsewhere the other prefill paths run)
+    sdpa_prefill, dp_decode, amx_prefill = request.param
+    return PagedCpuAttention(sdpa_prefill=sdpa_prefill, dp_decode=dp_decode, amx_prefill=amx_prefill)
 
 
 def random_step(query_lens, starts, *, kv_heads, group, head_dim, block_size=16, dtype=torch.float32, seed=0):
@@ -157,21 +159,61 @@ def test_decode_only_leaves_prefill_rows_and_writes_every_slot():
     assert bool((out[prefill_rows] == 7.0).all()), "decode_only wrote rows of a prefill chunk"
 
 
-def test_sdpa_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
+def test_amx_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
     from worker import kernels
 
     cpu = torch.device("cpu")
     monkeypatch.delenv("NIMBUS_ATTENTION", raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16 amx_tile amx_bf16")
-    assert select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
+    chosen = select_attention(cpu, torch.bfloat16, 64)
+    # the kernel's AMX prefill where this build and Linux allow it, else SDPA's (also on the tile unit)
+    assert chosen.amx_prefill == amx_available() and chosen.sdpa_prefill != chosen.amx_prefill
+    assert not select_attention(cpu, torch.bfloat16, 128).amx_prefill  # heads of 32 and 64 only
+    assert select_attention(cpu, torch.bfloat16, 128).sdpa_prefill
     assert not select_attention(cpu, torch.float32, 64).sdpa_prefill  # the kernel's float32 prefill is faster
+    assert not select_attention(cpu, torch.float32, 64).amx_prefill
     assert not select_attention(cpu, torch.bfloat16, 64).dp_decode  # measured slower on an AMX Xeon
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16")
     assert not select_attention(cpu, torch.bfloat16, 64).sdpa_prefill
+    assert not select_attention(cpu, torch.bfloat16, 64).amx_prefill
     assert select_attention(cpu, torch.bfloat16, 64).dp_decode
     assert not select_attention(cpu, torch.float32, 64).dp_decode
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2")
     assert not select_attention(cpu, torch.bfloat16, 64).dp_decode
+
+
+def amx_available() -> bool:
+    from worker import kernels
+
+    kernels.paged_attention()
+    return bool(torch.ops.nimbus.amx_prefill_available(3, 64))
+
+
+def test_amx_prefill_runs_where_the_cpu_has_amx():
+    """The kernel is built for this CPU (-march=native): where it has AMX-BF16, the AMX prefill must be there (so
+    the amx-prefill runs above test it), for the heads it takes; elsewhere it reports itself absent."""
+    from worker import kernels
+
+    has_amx = "amx_bf16" in kernels.cpu_flags().split()
+    assert amx_available() == has_amx
+    if has_amx:
+        assert torch.ops.nimbus.amx_prefill_available(3, 32)
+        assert not torch.ops.nimbus.amx_prefill_available(3, 128)
+        assert not torch.ops.nimbus.amx_prefill_available(17, 64)  # a tile holds 16 rows of Q^T columns
+
+
+def test_amx_prefill_long_context_and_partial_tiles():
+    """Chunks of every length around the tile sizes (16 tokens a row block, 64 keys a score pass, 128 tokens an
+    item), after cached context that is not a multiple of 16, in blocks of 16 and of 24 positions."""
+    attn = PagedCpuAttention(amx_prefill=True)
+    for block_size in (16, 24):
+        for case, (lens, starts) in enumerate([([1, 15, 16, 17], [0, 0, 0, 0]), ([63, 64, 65], [0, 3, 100]),
+                                               ([129, 200], [31, 0]), ([5, 300, 1], [250, 40, 70])]):
+            q, k, v, kv_cache, meta = random_step(lens, starts, kv_heads=3, group=3, head_dim=64,
+                                                  block_size=block_size, dtype=torch.bfloat16, seed=case)
+            expected = TorchAttention().forward(q, k, v, kv_cache.clone(), meta)
+            out = attn.forward(q, k, v, kv_cache, meta)
+            assert (out.float() - expected.float()).abs().max().item() < 3e-2, (block_size, lens, starts)
 
 
 def test_backend_selection(monkeypatch):

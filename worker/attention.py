@@ -156,10 +156,10 @@ class PagedCpuAttention:
     place (no gather, no padding) and runs every decode and prefill row of a step in one call per layer, on
     the torch intra-op threads. float32 and bfloat16, and float32 over a bfloat16 cache (kv_cache_dtype).
 
-    With `sdpa_prefill`, the kernel writes the step's K/V and attends the decodes only, and each prefill chunk
-    goes through torch's scaled_dot_product_attention instead: on CPUs with AMX, its bfloat16 flash attention
-    runs its products on the tile unit and measured 1.35-1.8x the kernel's prefill (docs/benchmarks.md); the
-    kernel stays faster in float32 and on CPUs without AMX."""
+    bfloat16 prefill on CPUs with AMX (`amx_prefill`, the default there for heads of 32 or 64) runs in the kernel on
+    the tile unit: 1.7-1.9x torch's SDPA flash attention on 8 x 256 tokens (docs/benchmarks.md, thirteenth pass).
+    With `sdpa_prefill`, the kernel writes the step's K/V and attends the decodes only, and each prefill chunk goes
+    through torch's scaled_dot_product_attention instead (on AMX, for the heads amx_prefill does not take)."""
 
     DTYPES = (torch.float32, torch.bfloat16)
 
@@ -169,9 +169,20 @@ class PagedCpuAttention:
         return device.type == "cpu" and dtype in cls.DTYPES and head_dim % 16 == 0 and head_dim <= 256
 
     @staticmethod
-    def prefers_sdpa_prefill(dtype: torch.dtype) -> bool:
-        """Whether SDPA's prefill beats the kernel's here: bfloat16 on a CPU with AMX-BF16 tiles."""
-        return dtype == torch.bfloat16 and "amx_bf16" in kernels.cpu_flags().split()
+    def prefers_amx_prefill(dtype: torch.dtype, head_dim: int) -> bool:
+        """Whether the kernel's AMX prefill runs here: bfloat16, a head of 32 or 64, and a build and a Linux that give
+        the kernel the tile unit."""
+        if dtype != torch.bfloat16 or "amx_bf16" not in kernels.cpu_flags().split():
+            return False
+        kernels.paged_attention()  # loads the library that defines the op below
+        return bool(torch.ops.nimbus.amx_prefill_available(1, head_dim))
+
+    @staticmethod
+    def prefers_sdpa_prefill(dtype: torch.dtype, head_dim: int = 64) -> bool:
+        """Whether SDPA's prefill beats the kernel's here: bfloat16 on a CPU with AMX-BF16 tiles, where the kernel's
+        own AMX prefill does not take the head."""
+        return (dtype == torch.bfloat16 and "amx_bf16" in kernels.cpu_flags().split()
+                and not PagedCpuAttention.prefers_amx_prefill(dtype, head_dim))
 
     @staticmethod
     def prefers_dp_decode(dtype: torch.dtype) -> bool:
@@ -181,10 +192,11 @@ class PagedCpuAttention:
         flags = kernels.cpu_flags().split()
         return dtype == torch.bfloat16 and "avx512_bf16" in flags and "amx_bf16" not in flags
 
-    def __init__(self, sdpa_prefill: bool = False, dp_decode: bool = False) -> None:
+    def __init__(self, sdpa_prefill: bool = False, dp_decode: bool = False, amx_prefill: bool = False) -> None:
         self._op = kernels.paged_attention()
         self.sdpa_prefill = sdpa_prefill
         self.dp_decode = dp_decode
+        self.amx_prefill = amx_prefill  # where the kernel cannot (no AMX, another head size), prefill_dp or prefill
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata
@@ -192,7 +204,7 @@ class PagedCpuAttention:
         out = torch.empty_like(q)
         sdpa = self.sdpa_prefill and bool(meta.prefills)
         self._op(out, q, k, v, kv_cache, meta.slot_mapping, meta.block_tables, meta.query_start,
-                 meta.context_lens, 1.0 / math.sqrt(q.shape[-1]), sdpa, self.dp_decode)
+                 meta.context_lens, 1.0 / math.sqrt(q.shape[-1]), sdpa, self.dp_decode, self.amx_prefill)
         if sdpa:
             for group in meta.prefills:
                 rows = group.token_slice
@@ -234,14 +246,16 @@ def select_attention(
         if not usable:
             raise ValueError(f"the paged attention kernel runs on CPU in float32 or bfloat16 with head_dim a "
                              f"multiple of 16 up to 256, not {device} {dtype} head_dim {head_dim}")
-        return _paged(dtype)
+        return _paged(dtype, head_dim)
     if usable and _paged_kernel_loads():
-        return _paged(dtype)
+        return _paged(dtype, head_dim)
     return TorchAttention()
 
 
-def _paged(dtype: torch.dtype) -> PagedCpuAttention:
-    return PagedCpuAttention(PagedCpuAttention.prefers_sdpa_prefill(dtype), PagedCpuAttention.prefers_dp_decode(dtype))
+def _paged(dtype: torch.dtype, head_dim: int) -> PagedCpuAttention:
+    return PagedCpuAttention(PagedCpuAttention.prefers_sdpa_prefill(dtype, head_dim),
+                             PagedCpuAttention.prefers_dp_decode(dtype),
+                             PagedCpuAttention.prefers_amx_prefill(dtype, head_dim))
 
 
 @functools.cache
