@@ -319,10 +319,15 @@ def test_a_large_group_goes_in_chunks_and_across_key_stages(paged):
                    kv_heads=3, group=3, head_dim=64)
 
 
-def test_decode_groups_in_bfloat16(paged):
-    groups = [(6, [(1, 96), (1, 97), (1, 150), (1, 200)])]
-    compare_shared(paged, groups, [(1, 50), (20, 10)], [(96, [0, 1, 2, 3])], atol=3e-2, dtype=torch.bfloat16,
-                   kv_heads=2, group=4, head_dim=128)
+@pytest.mark.parametrize("shape", [dict(kv_heads=2, group=4, head_dim=128), dict(kv_heads=3, group=3, head_dim=64),
+                                   dict(kv_heads=1, group=5, head_dim=32)],
+                         ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_decode_groups_in_bfloat16(paged, shape):
+    # heads of 32 and 64 take the AMX path for the shared part with amx-prefill where the CPU has it; 21 members
+    # make several row blocks of 16 (member x head), and 112 shared positions two 64-key score passes
+    groups = [(6, [(1, 96), (1, 97), (1, 150), (1, 200)]), (7, [(1, 112 + 3 * i) for i in range(21)])]
+    compare_shared(paged, groups, [(1, 50), (20, 10)], [(96, [0, 1, 2, 3]), (112, list(range(4, 25)))], atol=3e-2,
+                   dtype=torch.bfloat16, **shape)
 
 
 def test_small_sharing_keeps_the_decode_path(paged):

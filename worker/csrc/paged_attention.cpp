@@ -938,40 +938,24 @@ inline __m512 exp_weights(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
+// Stages keys [0, key_end) of one kv head (element offset hoff in a row) from the pool rows at `rows`: K^T tiles
+// kt [16-key group][dimension step] (16 rows of dimension pairs x 16 keys) and V tiles vt [32-key group][value
+// tile] (16 key pairs x 16 dimensions, unpacklo/unpackhi lane order), zero past key_end.
 template <int KS>
-void prefill_amx(const Problem& P, const Item& it, Scratch& S) {
+void amx_stage(const Problem& P, const int64_t* rows, int64_t key_end, int64_t hoff, uint32_t* kt,
+               c10::BFloat16* vt) {
   using T = c10::BFloat16;
-  constexpr int VT = 2 * KS;  // value tiles: 16 dimensions each
-  const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
-  const int64_t first_row = P.query_start[it.seq] + it.q_begin;
-  const int64_t q_len = P.query_start[it.seq + 1] - P.query_start[it.seq];
-  const int64_t first_pos = P.context_lens[it.seq] - q_len + it.q_begin;  // this item's first token
-  const int64_t tokens = it.q_end - it.q_begin;
-  const int64_t key_end = first_pos + tokens;  // keys [0, key_end) are visible to some row
-  const int64_t kg16 = (key_end + 15) / 16, kg32 = (key_end + 31) / 32;
-  const int64_t stride = kg32 * 32 + 32;  // a score row: whole 64-key groups of C tiles may pass key_end by 32
-  Scratch::fit(S.kt, kg16 * KS * 256);  // K^T tiles: [16-key group][dimension step] 16 x 16 dwords
-  Scratch::fit(S.v, kg32 * VT * 256);   // V tiles: [32-key group][value tile] 16 key pairs x 16 dims, 2 x bf16
-  Scratch::fit(S.q, 16 * d / 2);  // a partial block's Q rows in bfloat16, zero-padded
-  Scratch::fit(S.s, 16 * stride + 16 * stride / 2);  // a row block's scores, then its weights in bfloat16
-  Scratch::fit(S.acc, 16 * d);
-  Scratch::fit(S.sum, 16);
-  if (S.rows.size() < size_t(kg32 * 32)) S.rows.resize(kg32 * 32);
+  constexpr int VT = 2 * KS;
   const T* kc = static_cast<const T*>(P.key_cache);
   const T* vc = static_cast<const T*>(P.value_cache);
-  int64_t* rows = S.rows.data();
-  tile_rows(P, P.block_tables + int64_t(it.seq) * P.table_stride, 0, key_end, rows);
-  const int64_t hoff = kv_head * d, kv_stride = P.kv_heads * d * 2;
-
-  // stage K^T: 16 keys of one block are rows kv_stride bytes apart when block_size is a multiple of 16
-  uint32_t* kt = reinterpret_cast<uint32_t*>(S.kt.data());
+  const int64_t kv_stride = P.kv_heads * P.head_dim * 2;
   alignas(64) T tmp[16 * 32];
-  for (int64_t j = 0; j < kg16; ++j) {
+  for (int64_t j = 0; j < (key_end + 15) / 16; ++j) {
     const int64_t n = std::min<int64_t>(16, key_end - 16 * j);
     for (int k = 0; k < KS; ++k) {
       const T* src;
       int64_t src_stride;
-      if (P.block_size % 16 == 0) {
+      if (P.block_size % 16 == 0) {  // 16 keys of one block: rows kv_stride bytes apart
         src = kc + rows[16 * j] + hoff + 32 * k, src_stride = kv_stride;
       } else {
         for (int64_t i = 0; i < n; ++i) std::memcpy(tmp + i * 32, kc + rows[16 * j + i] + hoff + 32 * k, 64);
@@ -980,10 +964,8 @@ void prefill_amx(const Problem& P, const Item& it, Scratch& S) {
       transpose16(src, src_stride, n, kt + (j * KS + k) * 256);
     }
   }
-  // stage V as key pairs
-  T* vt = reinterpret_cast<T*>(S.v.data());
   const __m512i zero = _mm512_setzero_si512();
-  for (int64_t c = 0; c < kg32; ++c)
+  for (int64_t c = 0; c < (key_end + 31) / 32; ++c)
     for (int64_t r = 0; r < 16; ++r) {
       const int64_t j = 32 * c + 2 * r;
       for (int b = 0; b < KS; ++b) {
@@ -993,119 +975,215 @@ void prefill_amx(const Problem& P, const Item& it, Scratch& S) {
         _mm512_storeu_si512(vt + ((c * VT + 2 * b + 1) * 16 + r) * 32, _mm512_unpackhi_epi16(x, y));
       }
     }
-  // rows head-major (row r = head * tokens + token, blocks of 16 tokens of one head), so a whole block's Q rows are
-  // q_token_stride apart and load as a tile where they lie; a block of fewer tokens is copied out, zero-padded
-  const int64_t per_head = (tokens + 15) / 16;  // row blocks per head
-  T* qs = reinterpret_cast<T*>(S.q.data());
-  const T* q = static_cast<const T*>(P.q);
+}
+
+// Scratch floats amx_row_block needs for `keys` staged keys: a row block's scores, then its weights in bfloat16.
+inline int64_t amx_score_stride(int64_t keys) { return (keys + 31) / 32 * 32 + 32; }
+
+// One block of 16 query rows (their Q tiles at qb, rows q_stride bytes apart) against the staged keys: row i sees
+// keys [0, vis[i]) (0: a padding row), all within [0, block_keys). Exact softmax in two passes: scores S = Q K^T
+// into four C tiles (64 keys) at a time, then per row the max, exp and sum with the weights rounded to bfloat16,
+// then O = P V over 32 keys at a time. Leaves per row the scaled max, the sum of exps and the unnormalised output,
+// its 32-dimension blocks in unpacklo/unpackhi lane order, in acc [16][d]. The caller has loaded the tile config
+// (all eight tiles 16 rows x 64 bytes). A tile register is not renamed (loading one that a multiply still reads
+// waits for it), so the B operands alternate between tmm6 and tmm7 and the A operands of P V between tmm4 and tmm5.
+template <int KS>
+void amx_row_block(const Problem& P, const c10::BFloat16* qb, int64_t q_stride, const uint32_t* kt,
+                   const c10::BFloat16* vt, int64_t block_keys, const int64_t* vis, float* s, float* acc,
+                   float* row_max, float* row_sum) {
+  using T = c10::BFloat16;
+  constexpr int VT = 2 * KS;
+  const int64_t d = P.head_dim, stride = amx_score_stride(block_keys);
+  T* pw = reinterpret_cast<T*>(s + 16 * stride);
+  _tile_loadd(4, qb, q_stride);
+  if constexpr (KS == 2) _tile_loadd(5, qb + 32, q_stride);
+  for (int64_t j0 = 0; j0 < block_keys; j0 += 64) {
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_zero(2);
+    _tile_zero(3);
+    const uint32_t* kj = kt + (j0 / 16) * KS * 256;
+    const int64_t groups = std::min<int64_t>(4, (block_keys - j0 + 15) / 16);
+#define NIMBUS_SCORE(C)                            \
+  if (groups > C) {                                \
+    _tile_loadd(6, kj + (C * KS) * 256, 64);       \
+    _tile_dpbf16ps(C, 4, 6);                       \
+    if constexpr (KS == 2) {                       \
+      _tile_loadd(7, kj + (C * KS + 1) * 256, 64); \
+      _tile_dpbf16ps(C, 5, 7);                     \
+    }                                              \
+  }
+    NIMBUS_SCORE(0)
+    NIMBUS_SCORE(1)
+    NIMBUS_SCORE(2)
+    NIMBUS_SCORE(3)
+#undef NIMBUS_SCORE
+    _tile_stored(0, s + j0, stride * 4);
+    _tile_stored(1, s + j0 + 16, stride * 4);
+    _tile_stored(2, s + j0 + 32, stride * 4);
+    _tile_stored(3, s + j0 + 48, stride * 4);
+  }
+  const __m512 scale = _mm512_set1_ps(P.scale);
+  const int64_t kend32 = (block_keys + 31) / 32 * 32;  // P V reads whole 32-key groups: zero weights up to it
+  for (int64_t i = 0; i < 16; ++i) {
+    const float* si = s + i * stride;
+    T* pi = pw + i * stride;
+    const int64_t n = vis[i];
+    __m512 m = _mm512_set1_ps(NEG_INF);
+    int64_t j = 0;
+    for (; j + W <= n; j += W) m = _mm512_max_ps(m, _mm512_loadu_ps(si + j));
+    if (j < n) m = _mm512_mask_max_ps(m, __mmask16((1u << (n - j)) - 1), m, _mm512_loadu_ps(si + j));
+    row_max[i] = n ? _mm512_reduce_max_ps(m) * P.scale : NEG_INF;
+    // exp(scale * x - max) as one multiply-add; weights past the row's visible keys are zero
+    const __m512 neg_max = _mm512_set1_ps(n ? -row_max[i] : 0.0f);
+    __m512 sum = _mm512_setzero_ps();
+    for (j = 0; j < kend32; j += W) {
+      const __mmask16 live = j + W <= n ? __mmask16(0xffff) : j < n ? __mmask16((1u << (n - j)) - 1) : 0;
+      const __m512 e = _mm512_maskz_mov_ps(live, exp_weights(_mm512_fmadd_ps(_mm512_loadu_ps(si + j), scale, neg_max)));
+      sum = _mm512_add_ps(sum, e);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pi + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    }
+    row_sum[i] = _mm512_reduce_add_ps(sum);
+  }
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (KS == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t j0 = 0; j0 < block_keys; j0 += 64) {
+#define NIMBUS_VALUES(A, J)                        \
+  {                                                \
+    const T* vj = vt + ((j0 + J) / 32) * VT * 512; \
+    _tile_loadd(A, pw + j0 + J, stride * 2);       \
+    _tile_loadd(6, vj, 64);                        \
+    _tile_dpbf16ps(0, A, 6);                       \
+    _tile_loadd(7, vj + 512, 64);                  \
+    _tile_dpbf16ps(1, A, 7);                       \
+    if constexpr (KS == 2) {                       \
+      _tile_loadd(6, vj + 1024, 64);               \
+      _tile_dpbf16ps(2, A, 6);                     \
+      _tile_loadd(7, vj + 1536, 64);               \
+      _tile_dpbf16ps(3, A, 7);                     \
+    }                                              \
+  }
+    NIMBUS_VALUES(4, 0)
+    if (j0 + 32 < block_keys) NIMBUS_VALUES(5, 32)
+#undef NIMBUS_VALUES
+  }
+  _tile_stored(0, acc, d * 4);
+  _tile_stored(1, acc + 16, d * 4);
+  if constexpr (KS == 2) {
+    _tile_stored(2, acc + 32, d * 4);
+    _tile_stored(3, acc + 48, d * 4);
+  }
+}
+
+inline void amx_config() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16, cfg.colsb[t] = 64;
   _tile_loadconfig(&cfg);
-  float* s = S.s.data();
-  T* pw = reinterpret_cast<T*>(s + 16 * stride);
-  const __m512 scale = _mm512_set1_ps(P.scale);
+}
+
+// bfloat16 prefill on AMX: one kv head's G query heads over a tile of up to AMX_QT tokens, rows head-major (a row
+// block is 16 tokens of one head, so a whole block's Q rows are q_token_stride apart and load as a tile where they
+// lie; a block of fewer tokens is copied out, zero-padded). Each item stages the keys its rows see.
+template <int KS>
+void prefill_amx(const Problem& P, const Item& it, Scratch& S) {
+  using T = c10::BFloat16;
+  const int64_t d = P.head_dim, G = P.group, kv_head = it.head_begin;
+  const int64_t first_row = P.query_start[it.seq] + it.q_begin;
+  const int64_t q_len = P.query_start[it.seq + 1] - P.query_start[it.seq];
+  const int64_t first_pos = P.context_lens[it.seq] - q_len + it.q_begin;  // this item's first token
+  const int64_t tokens = it.q_end - it.q_begin, key_end = first_pos + tokens;  // keys any row sees
+  const int64_t stride = amx_score_stride(key_end);
+  Scratch::fit(S.kt, (key_end + 15) / 16 * KS * 256);
+  Scratch::fit(S.v, (key_end + 31) / 32 * 2 * KS * 256);
+  Scratch::fit(S.q, 16 * d / 2);  // a partial block's Q rows in bfloat16, zero-padded
+  Scratch::fit(S.s, 16 * stride + 16 * stride / 2);
+  Scratch::fit(S.acc, 16 * d);
+  Scratch::fit(S.max, 16);
+  Scratch::fit(S.sum, 16);
+  if (S.rows.size() < size_t(key_end)) S.rows.resize(key_end);
+  tile_rows(P, P.block_tables + int64_t(it.seq) * P.table_stride, 0, key_end, S.rows.data());
+  uint32_t* kt = reinterpret_cast<uint32_t*>(S.kt.data());
+  T* vt = reinterpret_cast<T*>(S.v.data());
+  amx_stage<KS>(P, S.rows.data(), key_end, kv_head * d, kt, vt);
+  amx_config();
+  T* qs = reinterpret_cast<T*>(S.q.data());
+  const T* q = static_cast<const T*>(P.q);
   T* out = static_cast<T*>(P.out);
   for (int64_t g = 0; g < G; ++g)
-  for (int64_t rb = 0; rb < per_head; ++rb) {
-    const int64_t t0 = rb * 16, rn = std::min<int64_t>(16, tokens - t0), head = kv_head * G + g;
-    const int64_t block_keys = first_pos + t0 + rn;  // the block's last row sees the most keys
-    // scores: Q (tmm4, tmm5: its two dimension steps) against K^T tiles (tmm6, tmm7 alternating), 64 keys at a time
-    const T* qb = q + (first_row + t0) * P.q_token_stride + head * P.q_head_stride;
-    int64_t q_stride = P.q_token_stride * 2;
-    if (rn < 16) {
-      for (int64_t i = 0; i < 16; ++i)
-        if (i < rn) std::memcpy(qs + i * d, qb + i * P.q_token_stride, d * sizeof(T));
-        else std::memset(qs + i * d, 0, d * sizeof(T));
-      qb = qs, q_stride = d * 2;
-    }
-    _tile_loadd(4, qb, q_stride);
-    if constexpr (KS == 2) _tile_loadd(5, qb + 32, q_stride);
-    for (int64_t j0 = 0; j0 < block_keys; j0 += 64) {
-      _tile_zero(0);
-      _tile_zero(1);
-      _tile_zero(2);
-      _tile_zero(3);
-      const uint32_t* kj = kt + (j0 / 16) * KS * 256;
-      const int64_t groups = std::min<int64_t>(4, (block_keys - j0 + 15) / 16);
-#define NIMBUS_SCORE(C)                                              \
-  if (groups > C) {                                                  \
-    _tile_loadd(6, kj + (C * KS) * 256, 64);                         \
-    _tile_dpbf16ps(C, 4, 6);                                         \
-    if constexpr (KS == 2) {                                         \
-      _tile_loadd(7, kj + (C * KS + 1) * 256, 64);                   \
-      _tile_dpbf16ps(C, 5, 7);                                       \
-    }                                                                \
-  }
-      NIMBUS_SCORE(0)
-      NIMBUS_SCORE(1)
-      NIMBUS_SCORE(2)
-      NIMBUS_SCORE(3)
-#undef NIMBUS_SCORE
-      _tile_stored(0, s + j0, stride * 4);
-      _tile_stored(1, s + j0 + 16, stride * 4);
-      _tile_stored(2, s + j0 + 32, stride * 4);
-      _tile_stored(3, s + j0 + 48, stride * 4);
-    }
-    // softmax per row over its visible keys; weights in bfloat16, zero up to the 32-key groups P V reads
-    const int64_t kend32 = (block_keys + 31) / 32 * 32;
-    for (int64_t i = 0; i < 16; ++i) {
-      const float* si = s + i * stride;
-      T* pi = pw + i * stride;
-      const int64_t vis = i < rn ? first_pos + t0 + i + 1 : 0;
-      __m512 m = _mm512_set1_ps(NEG_INF);
-      int64_t j = 0;
-      for (; j + W <= vis; j += W) m = _mm512_max_ps(m, _mm512_loadu_ps(si + j));
-      if (j < vis) m = _mm512_mask_max_ps(m, __mmask16((1u << (vis - j)) - 1), m, _mm512_loadu_ps(si + j));
-      // exp(scale * (x - max)) as one multiply-add; weights past the row's visible keys are zero
-      const __m512 neg_max = _mm512_set1_ps(vis ? -_mm512_reduce_max_ps(m) * P.scale : 0.0f);
-      __m512 sum = _mm512_setzero_ps();
-      for (j = 0; j < kend32; j += W) {
-        const __mmask16 live = j + W <= vis ? __mmask16(0xffff) : j < vis ? __mmask16((1u << (vis - j)) - 1) : 0;
-        const __m512 e = _mm512_maskz_mov_ps(live, exp_weights(_mm512_fmadd_ps(_mm512_loadu_ps(si + j), scale, neg_max)));
-        sum = _mm512_add_ps(sum, e);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pi + j), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(e)));
+    for (int64_t t0 = 0; t0 < tokens; t0 += 16) {
+      const int64_t rn = std::min<int64_t>(16, tokens - t0), head = kv_head * G + g;
+      const T* qb = q + (first_row + t0) * P.q_token_stride + head * P.q_head_stride;
+      int64_t q_stride = P.q_token_stride * 2;
+      if (rn < 16) {
+        for (int64_t i = 0; i < 16; ++i)
+          if (i < rn) std::memcpy(qs + i * d, qb + i * P.q_token_stride, d * sizeof(T));
+          else std::memset(qs + i * d, 0, d * sizeof(T));
+        qb = qs, q_stride = d * 2;
       }
-      S.sum[i] = vis ? 1.0f / _mm512_reduce_add_ps(sum) : 0.0f;
+      int64_t vis[16];
+      for (int64_t i = 0; i < 16; ++i) vis[i] = i < rn ? first_pos + t0 + i + 1 : 0;
+      amx_row_block<KS>(P, qb, q_stride, kt, vt, first_pos + t0 + rn, vis, S.s.data(), S.acc.data(), S.max.data(),
+                        S.sum.data());
+      const float* acc = S.acc.data();
+      for (int64_t i = 0; i < rn; ++i) {
+        T* o = out + (first_row + t0 + i) * P.out_token_stride + head * P.out_head_stride;
+        for (int b = 0; b < KS; ++b)
+          store_dp_block(o + 32 * b, _mm512_loadu_ps(acc + i * d + 2 * b * W),
+                         _mm512_loadu_ps(acc + i * d + (2 * b + 1) * W), 1.0f / S.sum[i]);
+      }
     }
-    // values: P (tmm4, tmm5 alternating) against V tiles (tmm6, tmm7 alternating) into C tiles 0..VT-1
-    _tile_zero(0);
-    _tile_zero(1);
-    if constexpr (KS == 2) {
-      _tile_zero(2);
-      _tile_zero(3);
-    }
-    for (int64_t j0 = 0; j0 < block_keys; j0 += 64) {
-#define NIMBUS_VALUES(A, J)                                         \
-  {                                                                 \
-    const T* vj = vt + ((j0 + J) / 32) * VT * 512;                  \
-    _tile_loadd(A, pw + j0 + J, stride * 2);                        \
-    _tile_loadd(6, vj, 64);                                         \
-    _tile_dpbf16ps(0, A, 6);                                        \
-    _tile_loadd(7, vj + 512, 64);                                   \
-    _tile_dpbf16ps(1, A, 7);                                        \
-    if constexpr (KS == 2) {                                        \
-      _tile_loadd(6, vj + 1024, 64);                                \
-      _tile_dpbf16ps(2, A, 6);                                      \
-      _tile_loadd(7, vj + 1536, 64);                                \
-      _tile_dpbf16ps(3, A, 7);                                      \
-    }                                                               \
-  }
-      NIMBUS_VALUES(4, 0)
-      if (j0 + 32 < block_keys) NIMBUS_VALUES(5, 32)
-#undef NIMBUS_VALUES
-    }
-    float* acc = S.acc.data();
-    _tile_stored(0, acc, d * 4);
-    _tile_stored(1, acc + 16, d * 4);
-    if constexpr (KS == 2) {
-      _tile_stored(2, acc + 32, d * 4);
-      _tile_stored(3, acc + 48, d * 4);
-    }
+  _tile_release();
+}
+
+// The shared positions [0, grp.shared) of a decode group item (group_decode's first part) on AMX: rows are member *
+// G + head as there, copied out in bfloat16 (members' q rows lie apart), every row seeing every shared key. Leaves
+// what group_decode's float path leaves: per row the scaled max, the sum of exps, and the unnormalised output in
+// dimension order in S.acc.
+template <int KS>
+void group_shared_amx(const Problem& P, const Item& it, const Group& grp, Scratch& S) {
+  using T = c10::BFloat16;
+  const int64_t d = P.head_dim, G = P.group, h = it.head_begin, L = grp.shared;
+  const int32_t* members = grp.seqs.data() + it.q_begin;
+  const int64_t nrows = (it.q_end - it.q_begin) * G, blocks = (nrows + 15) / 16, stride = amx_score_stride(L);
+  Scratch::fit(S.kt, (L + 15) / 16 * KS * 256);
+  Scratch::fit(S.v, (L + 31) / 32 * 2 * KS * 256);
+  Scratch::fit(S.s, 16 * stride + 16 * stride / 2 + blocks * 16 * d / 2);  // + Q rows in bfloat16
+  if (S.rows.size() < size_t(L)) S.rows.resize(L);
+  tile_rows(P, P.block_tables + int64_t(members[0]) * P.table_stride, 0, L, S.rows.data());
+  uint32_t* kt = reinterpret_cast<uint32_t*>(S.kt.data());
+  T* vt = reinterpret_cast<T*>(S.v.data());
+  amx_stage<KS>(P, S.rows.data(), L, h * d, kt, vt);
+  T* qs = reinterpret_cast<T*>(S.s.data() + 16 * stride + 16 * stride / 2);
+  const T* q = static_cast<const T*>(P.q);
+  for (int64_t r = 0; r < blocks * 16; ++r)
+    if (r < nrows)
+      std::memcpy(qs + r * d, q + P.query_start[members[r / G]] * P.q_token_stride + (h * G + r % G) * P.q_head_stride,
+                  d * sizeof(T));
+    else
+      std::memset(qs + r * d, 0, d * sizeof(T));
+  amx_config();
+  alignas(64) float acc[16 * 64];
+  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t b0 = 0; b0 < blocks; ++b0) {
+    const int64_t r0 = b0 * 16, rn = std::min<int64_t>(16, nrows - r0);
+    int64_t vis[16];
+    for (int64_t i = 0; i < 16; ++i) vis[i] = i < rn ? L : 0;
+    float mx[16], sm[16];
+    amx_row_block<KS>(P, qs + r0 * d, d * 2, kt, vt, L, vis, S.s.data(), acc, mx, sm);
     for (int64_t i = 0; i < rn; ++i) {
-      T* o = out + (first_row + t0 + i) * P.out_token_stride + head * P.out_head_stride;
-      for (int b = 0; b < KS; ++b)
-        store_dp_block(o + 32 * b, _mm512_loadu_ps(acc + i * d + 2 * b * W), _mm512_loadu_ps(acc + i * d + (2 * b + 1) * W),
-                       S.sum[i]);
+      S.max[r0 + i] = mx[i];
+      S.sum[r0 + i] = sm[i];
+      float* a = S.acc.data() + (r0 + i) * d;
+      for (int b = 0; b < KS; ++b) {  // back to dimension order (store_dp_block's permutation, in float32)
+        const __m512 lo = _mm512_loadu_ps(acc + i * d + 2 * b * W), hi = _mm512_loadu_ps(acc + i * d + (2 * b + 1) * W);
+        _mm512_storeu_ps(a + 32 * b, _mm512_permutex2var_ps(lo, first, hi));
+        _mm512_storeu_ps(a + 32 * b + 16, _mm512_permutex2var_ps(lo, second, hi));
+      }
     }
   }
   _tile_release();
@@ -1144,13 +1222,22 @@ void group_decode(const Problem& P, const Item& it, const Group& grp, Scratch& S
   std::fill_n(S.acc.data(), nrows * d, 0.0f);
   std::fill_n(S.max.data(), nrows, NEG_INF);
   std::fill_n(S.sum.data(), nrows, 0.0f);
+  bool shared_done = false;  // the shared part on AMX tiles (bfloat16, where prefill takes them too)
+#ifdef __AMX_BF16__
+  if constexpr (std::is_same_v<Q, c10::BFloat16> && std::is_same_v<T, c10::BFloat16>)
+    if (P.amx_prefill) {
+      if (P.head_dim == 64) group_shared_amx<2>(P, it, grp, S);
+      else group_shared_amx<1>(P, it, grp, S);
+      shared_done = true;
+    }
+#endif
 
   const T* kc = static_cast<const T*>(P.key_cache);
   const T* vc = static_cast<const T*>(P.value_cache);
-  int64_t* rows = S.rows.data();
+  int64_t* rows = S.rows.data();  // (taken after the AMX part, which may grow the scratch)
   float* s = S.s.data();
   const int32_t* shared_table = P.block_tables + int64_t(members[0]) * P.table_stride;
-  for (int64_t c0 = 0; c0 < L; c0 += KC) {
+  for (int64_t c0 = 0; c0 < L && !shared_done; c0 += KC) {
     const int64_t cn = std::min<int64_t>(KC, L - c0), tiles = (cn + W - 1) / W;
     tile_rows(P, shared_table, c0, cn, rows);
     stage_keys(kc, vc, rows, cn, h * d, d, nv, S.kt.data(), S.v.data());
