@@ -1,4 +1,4 @@
-"""The C++ kernels compile for the instruction sets this machine lacks: their AVX-512 and AVX512-BF16 branches
+"""The C++ kernels compile for the instruction sets this machine lacks: their AVX-512, AVX512-BF16 and AMX branches
 (#ifdef'd on the compiler's target macros) are built only where a worker runs on such a CPU, so without this check
 an edit could break them unseen. A syntax-only compile (templates instantiated, nothing generated or run)."""
 
@@ -15,9 +15,9 @@ from torch.utils import cpp_extension
 from worker import kernels
 
 # -march -> the target macros it must define, so the branches behind them are the ones compiled: Sapphire Rapids
-# has AVX-512 with the bfloat16 dot products, the widest set of branches (AVX-512 without them compiles the
-# branches this machine's AVX2 build compiles, at 16 floats a vector)
-TARGETS = {"sapphirerapids": ("__AVX512F__", "__AVX512BF16__")}
+# has AVX-512 with the bfloat16 dot products and the AMX tiles, the widest set of branches (AVX-512 without them
+# compiles the branches this machine's AVX2 build compiles, at 16 floats a vector)
+TARGETS = {"sapphirerapids": ("__AVX512F__", "__AVX512BF16__", "__AMX_BF16__")}
 # the sources with code of their own for AVX-512 (the bfloat16 products; 8-row blocks of the panel matmul), compiled
 # side by side (about 12 s each here); fused_ops.cpp differs there only by vec.h's width, which these include too
 SOURCES = (kernels.SOURCE, kernels.LINEAR_SOURCE)
