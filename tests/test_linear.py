@@ -1,4 +1,5 @@
-"""Packed linear weights (worker/linear.py) against F.linear, and where packing applies."""
+"""Packed linear weights (worker/linear.py) against F.linear, the fused bfloat16 SiLU gate against gate_up then SiLU,
+and where each applies."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from worker.linear import PANEL_ROWS, Linear, should_pack, should_use_panels
+from worker import kernels
+from worker.linear import PANEL_ROWS, Linear, SiluGate, should_pack, should_use_panels
+from worker.model import TorchOps
 
 # oneDNN packs bfloat16 only on CPUs with AVX-512 (or AVX-NE-CONVERT); float32 on any x86-64 with AVX2
 DTYPES = [
@@ -131,6 +134,8 @@ def test_packed_model_gives_the_same_logits(variant, dtype, tmp_path, monkeypatc
     from worker.runner import ModelRunner, SeqChunk
 
     make_tiny_checkpoint(variant, tmp_path)
+    # bit for bit needs the MLP as gate_up then the SiLU op (the fused gate skips a rounding: the test below)
+    monkeypatch.setattr(model_module, "should_fuse_silu_gate", lambda device, dtype: False)
     packed = ModelRunner(tmp_path, dtype=dtype, kv_cache_bytes=1 << 22)
     monkeypatch.setattr(model_module, "should_pack", lambda device, dtype: False)
     monkeypatch.setattr(model_module, "should_use_panels", lambda device, dtype: False)
@@ -156,3 +161,46 @@ def test_packed_model_gives_the_same_logits(variant, dtype, tmp_path, monkeypatc
     assert_matches_f_linear(packed.forward(chunks).to(packed.dtype), plain.forward(chunks).to(packed.dtype))
     steps = [SeqChunk([7], len(p), t) for p, t in zip(prompts, tables)]
     assert_matches_f_linear(packed.forward(steps).to(packed.dtype), plain.forward(steps).to(packed.dtype))
+
+
+AMX = "amx_bf16" in kernels.cpu_flags().split()
+
+
+@pytest.mark.skipif(not AMX, reason="the fused SiLU gate is used (and measured) on CPUs with AMX-BF16")
+@pytest.mark.parametrize("rows", [1, 7, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_silu_gate_matches_gate_up_then_silu(rows, bias):
+    g = torch.Generator().manual_seed(rows)
+    w = (torch.randn(2 * 96, 80, generator=g) / 4).to(torch.bfloat16)
+    b = torch.randn(2 * 96, generator=g).to(torch.bfloat16) if bias else None
+    x = torch.randn(rows, 80, generator=g).to(torch.bfloat16)
+    fused = SiluGate(w, b)
+    assert fused.activated and not Linear(w, b, pack=True).activated
+    got = fused(x)
+    assert got.shape == (rows, 96) and got.dtype == torch.bfloat16
+    want = TorchOps().silu_and_mul(F.linear(x, w, b))  # gate_up, then SiLU and the product, each rounded
+    gate, up = F.linear(x.float(), w.float(), None if b is None else b.float()).chunk(2, dim=-1)
+    exact = F.silu(gate) * up
+    # within two bfloat16 steps of the rounded path, and no further from the float32 result than it is
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-6, atol=2e-2)
+    assert (got.float() - exact).abs().mean() <= (want.float() - exact).abs().mean() * 1.05
+
+
+@pytest.mark.skipif(not AMX, reason="the fused SiLU gate is used (and measured) on CPUs with AMX-BF16")
+def test_bfloat16_model_with_the_fused_gate_stays_close(tmp_path, monkeypatch):
+    from tiny_models import make_tiny_checkpoint
+
+    from worker import model as model_module
+    from worker.runner import ModelRunner, SeqChunk
+
+    make_tiny_checkpoint("qwen2", tmp_path)  # biases on q/k/v only; the gate takes the bias path in the op test
+    fused = ModelRunner(tmp_path, dtype=torch.bfloat16, kv_cache_bytes=1 << 22)
+    assert isinstance(fused.model.layers[0].gate_up_proj, SiluGate)
+    monkeypatch.setattr(model_module, "should_fuse_silu_gate", lambda device, dtype: False)
+    unfused = ModelRunner(tmp_path, dtype=torch.bfloat16, kv_cache_bytes=1 << 22)
+    assert isinstance(unfused.model.layers[0].gate_up_proj, Linear)
+    assert fused.weight_bytes == unfused.weight_bytes
+    chunks = [SeqChunk([5, 9, 33, 2, 71, 8, 8, 100], 0, [0, 1]), SeqChunk([17, 3, 150, 42], 0, [2, 3])]
+    a, b = fused.forward(chunks), unfused.forward(chunks)
+    assert (a - b).abs().max().item() < 0.05 * b.abs().max().item(), "the fused gate moved the logits"
+    assert torch.equal(a.argmax(-1), b.argmax(-1))

@@ -18,7 +18,7 @@ from torch import nn
 from worker import kernels
 from worker.attention import AttentionBackend, AttentionMetadata
 from worker.config import ModelConfig, RopeConfig
-from worker.linear import Linear, should_pack, should_use_panels
+from worker.linear import Linear, SiluGate, should_fuse_silu_gate, should_pack, should_use_panels
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,8 @@ class DecoderLayer(nn.Module):
         attn = attention.forward(q, k, v, kv_cache, meta).reshape(t, self.q_size)
         norm = self.post_attention_norm
         x, residual = ops.add_rms_norm(self.o_proj(attn), residual, norm.weight, norm.eps)
-        return self.down_proj(ops.silu_and_mul(self.gate_up_proj(x))), residual
+        mlp = self.gate_up_proj(x)  # silu(gate) * up already where the projections fuse them (SiluGate)
+        return self.down_proj(mlp if self.gate_up_proj.activated else ops.silu_and_mul(mlp)), residual
 
 
 class CausalLM(nn.Module):
@@ -287,12 +288,14 @@ class CausalLM(nn.Module):
         pack, panels = should_pack(device, dtype), should_use_panels(device, dtype)
         if not (pack or panels):
             return False
+        fuse_gate = should_fuse_silu_gate(device, dtype)
         for layer in self.layers:
             for name in PROJECTIONS:
                 weight, bias = getattr(layer, f"{name}_weight"), getattr(layer, f"{name}_bias")
-                setattr(layer, f"{name}_proj",
-                        Linear(weight.detach(), None if bias is None else bias.detach(), pack, panels))
-                weight.data = weight.data.new_empty(0)  # the packed copies replace it
+                weight, bias = weight.detach(), None if bias is None else bias.detach()
+                setattr(layer, f"{name}_proj", SiluGate(weight, bias) if name == "gate_up" and fuse_gate
+                        else Linear(weight, bias, pack, panels))
+                getattr(layer, f"{name}_weight").data = weight.new_empty(0)  # the packed copies replace it
         head = self.embed if self.lm_head is None else self.lm_head
         self.head_proj = Linear(head.detach(), None, pack, panels)
         if self.lm_head is not None:
