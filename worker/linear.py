@@ -12,8 +12,8 @@
 
 - The MLP's gate and up projections in bfloat16 on CPUs with AMX (`SiluGate`): two oneDNN matmuls with the SiLU and
   the product in their epilogues, so the [rows, 2 x intermediate] gate/up output is never written and read back:
-  a layer's MLP input side of 2,048 rows 1.5-1.7x faster than gate_up then the SiLU op (docs/benchmarks.md,
-  thirteenth pass).
+  a layer's gate/up and SiLU over 2,048 rows 1.5-1.7x faster than gate_up then the SiLU op, a prefill step of
+  the default model 2-15%, a batch-64 decode step about 1% slower (docs/benchmarks.md, thirteenth pass).
 
 float32 results differ from `F.linear`'s in the last bits (other summation orders; within 1e-5 relative); greedy
 output still equals transformers' (tests/test_smollm2.py, tests/test_server.py).
@@ -104,8 +104,8 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def should_fuse_silu_gate(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether the MLP's gate and up projections become a SiluGate: CPU, bfloat16, AMX-BF16 (where it was measured:
-    1.5-1.7x at 2,048 rows, level at 64), packing works and the fused ops agree with the plain path here."""
+    """Whether the MLP's gate and up projections become a SiluGate: CPU, bfloat16, AMX-BF16 (the only CPU it was
+    measured on), packing works and the fused ops agree with the plain path here."""
     return (device.type == "cpu" and dtype == torch.bfloat16 and "amx_bf16" in kernels.cpu_flags().split()
             and should_pack(device, dtype) and _silu_gate_works())
 
