@@ -590,15 +590,15 @@ inline __m512bh load32bh(const c10::BFloat16* p) {
   return reinterpret_cast<__m512bh>(_mm512_loadu_si512(reinterpret_cast<const void*>(p)));
 }
 
-// The 32 outputs of dimension block b from the value product's accumulators lo = a[2b], hi = a[2b + 1] (lane 4L + k
-// of lo holds dimension 8L + k of the block, of hi 8L + 4 + k: the order unpacklo/unpackhi leave), times inv,
-// rounded to bfloat16 (nearest even), in dimension order.
-// The block's dimensions 0-15 (x) and 16-31 (y) from those accumulators, in order.
+// The value product's accumulators for dimension block b are lo = a[2b], hi = a[2b + 1]: lane 4L + k of lo holds
+// dimension 8L + k of the block, of hi 8L + 4 + k (the order unpacklo/unpackhi leave). Here the block's dimensions
+// 0-15 (x) and 16-31 (y) from them, in order.
 inline void dp_block_order(__m512 lo, __m512 hi, __m512& x, __m512& y) {
   x = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23), hi);
   y = _mm512_permutex2var_ps(lo, _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31), hi);
 }
 
+// The block's 32 outputs from those accumulators, times inv, rounded to bfloat16 (nearest even), in dimension order.
 inline void store_dp_block(c10::BFloat16* o, __m512 lo, __m512 hi, float inv) {
   __m512 x, y;
   dp_block_order(lo, hi, x, y);
