@@ -157,7 +157,8 @@ class PagedCpuAttention:
     the torch intra-op threads. float32 and bfloat16, and float32 over a bfloat16 cache (kv_cache_dtype).
 
     bfloat16 prefill on CPUs with AMX (`amx_prefill`, the default there for heads of 32 or 64) runs in the kernel on
-    the tile unit: 1.7-1.9x torch's SDPA flash attention on 8 x 256 tokens (docs/benchmarks.md, thirteenth pass).
+    the tile unit: 1.7-2.8x torch's SDPA flash attention on a layer's 8 x 256 tokens (docs/benchmarks.md,
+    thirteenth pass).
     With `sdpa_prefill`, the kernel writes the step's K/V and attends the decodes only, and each prefill chunk goes
     through torch's scaled_dot_product_attention instead (on AMX, for the heads amx_prefill does not take)."""
 
