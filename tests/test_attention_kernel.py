@@ -160,8 +160,6 @@ def test_decode_only_leaves_prefill_rows_and_writes_every_slot():
 
 
 def test_amx_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
-    from worker import kernels
-
     cpu = torch.device("cpu")
     monkeypatch.delenv("NIMBUS_ATTENTION", raising=False)
     monkeypatch.setattr(kernels, "cpu_flags", lambda: "fma avx2 avx512f avx512_bf16 amx_tile amx_bf16")
@@ -183,37 +181,32 @@ def test_amx_prefill_is_chosen_for_bfloat16_on_amx(monkeypatch):
 
 
 def amx_available() -> bool:
-    from worker import kernels
-
     kernels.paged_attention()
-    return bool(torch.ops.nimbus.amx_prefill_available(3, 64))
+    return bool(torch.ops.nimbus.amx_prefill_available(64))
 
 
 def test_amx_prefill_runs_where_the_cpu_has_amx():
     """The kernel is built for this CPU (-march=native): where it has AMX-BF16, the AMX prefill must be there (so
     the amx-prefill runs above test it), for the heads it takes; elsewhere it reports itself absent."""
-    from worker import kernels
-
     has_amx = "amx_bf16" in kernels.cpu_flags().split()
     assert amx_available() == has_amx
     if has_amx:
-        assert torch.ops.nimbus.amx_prefill_available(3, 32)
-        assert not torch.ops.nimbus.amx_prefill_available(3, 128)
-        assert not torch.ops.nimbus.amx_prefill_available(17, 64)  # a tile holds 16 rows of Q^T columns
+        assert torch.ops.nimbus.amx_prefill_available(32)
+        assert not torch.ops.nimbus.amx_prefill_available(128)
 
 
-def test_amx_prefill_long_context_and_partial_tiles():
+@pytest.mark.parametrize("shape", [dict(kv_heads=3, group=3, head_dim=64), dict(kv_heads=1, group=20, head_dim=32)],
+                         ids=lambda s: f"kvh{s['kv_heads']}-g{s['group']}-d{s['head_dim']}")
+def test_amx_prefill_long_context_and_partial_tiles(shape):
     """Chunks of every length around the tile sizes (16 tokens a row block, 64 keys a score pass, 128 tokens an
-    item), after cached context that is not a multiple of 16, in blocks of 16 and of 24 positions."""
+    item), after cached context that is not a multiple of 16, in blocks of 16 and of 24 positions; with more query
+    heads per kv head than a tile has rows too."""
     attn = PagedCpuAttention(amx_prefill=True)
     for block_size in (16, 24):
         for case, (lens, starts) in enumerate([([1, 15, 16, 17], [0, 0, 0, 0]), ([63, 64, 65], [0, 3, 100]),
                                                ([129, 200], [31, 0]), ([5, 300, 1], [250, 40, 70])]):
-            q, k, v, kv_cache, meta = random_step(lens, starts, kv_heads=3, group=3, head_dim=64,
-                                                  block_size=block_size, dtype=torch.bfloat16, seed=case)
-            expected = TorchAttention().forward(q, k, v, kv_cache.clone(), meta)
-            out = attn.forward(q, k, v, kv_cache, meta)
-            assert (out.float() - expected.float()).abs().max().item() < 3e-2, (block_size, lens, starts)
+            check(attn, *random_step(lens, starts, block_size=block_size, dtype=torch.bfloat16, seed=case, **shape),
+                  atol=3e-2)
 
 
 def test_backend_selection(monkeypatch):

@@ -176,7 +176,7 @@ class PagedCpuAttention:
         if dtype != torch.bfloat16 or "amx_bf16" not in kernels.cpu_flags().split():
             return False
         kernels.paged_attention()  # loads the library that defines the op below
-        return bool(torch.ops.nimbus.amx_prefill_available(1, head_dim))
+        return bool(torch.ops.nimbus.amx_prefill_available(head_dim))
 
     @staticmethod
     def prefers_sdpa_prefill(dtype: torch.dtype, head_dim: int = 64) -> bool:

@@ -875,7 +875,7 @@ void decode_dp(const Problem& P, const Item& it, Scratch& S) {
 // The AMX tile unit (CPUs with AMX-BF16): bfloat16 products of 16-row tiles, float32 sums. Here for prefill-shaped
 // attention (many query rows against the same keys): prefill items and the shared part of decode groups. The keys
 // are staged once per item into the layouts B tiles take (amx_stage), and each block of 16 query rows is one exact
-// softmax over them (amx_row_block). Heads of 32 or 64 dimensions (KS = head_dim / 32), G <= 16; the caller checks.
+// softmax over them (amx_row_block). Heads of 32 or 64 dimensions (KS = head_dim / 32); the caller checks.
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
   uint16_t colsb[16] = {};
@@ -1442,11 +1442,11 @@ void write_cache(const at::Tensor& src, const at::Tensor& cache, const int64_t* 
 
 // Whether bfloat16 prefill asked to run on AMX tiles (amx_prefill) does here: the build has the tile instructions,
 // Linux grants the tile state, and the head fits prefill_amx.
-bool amx_prefill_available(int64_t group, int64_t head_dim) {
+bool amx_prefill_available(int64_t head_dim) {
 #ifdef __AMX_BF16__
-  return amx_permitted() && (head_dim == 32 || head_dim == 64) && group >= 1 && group <= 16;
+  return amx_permitted() && (head_dim == 32 || head_dim == 64);
 #else
-  (void)group, (void)head_dim;
+  (void)head_dim;
   return false;
 #endif
 }
@@ -1530,7 +1530,7 @@ void paged_attention(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, 
             block_tables.const_data_ptr<int32_t>(), query_start.const_data_ptr<int32_t>(),
             context_lens.const_data_ptr<int32_t>(), q.stride(0), q.stride(1), out.stride(0), out.stride(1),
             block_tables.stride(0), kv_cache.size(2), kv_heads, q.size(1) / kv_heads, d, float(scale), dp_decode,
-            amx_prefill && dtype == at::kBFloat16 && !mixed && amx_prefill_available(q.size(1) / kv_heads, d)};
+            amx_prefill && dtype == at::kBFloat16 && !mixed && amx_prefill_available(d)};
   std::vector<char> grouped(num_seqs, 0);
   const std::vector<Group> groups = make_groups(P, num_seqs, grouped);
   const std::vector<Item> items = make_items(P, num_seqs, at::get_num_threads(), decode_only, groups, grouped);
@@ -1590,7 +1590,7 @@ TORCH_LIBRARY(nimbus, m) {
       "paged_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor(b!) kv_cache, Tensor slot_mapping, "
       "Tensor block_tables, Tensor query_start, Tensor context_lens, float scale, bool decode_only=False, "
       "bool dp_decode=False, bool amx_prefill=False) -> ()");
-  m.def("amx_prefill_available(int group, int head_dim) -> bool", &amx_prefill_available);
+  m.def("amx_prefill_available(int head_dim) -> bool", &amx_prefill_available);
   m.def("decode_groups(Tensor block_tables, Tensor query_start, Tensor context_lens, int block_size) -> Tensor[]");
 }
 
