@@ -19,11 +19,20 @@ DTYPES = [
 ]
 needs_panels = pytest.mark.skipif(not should_use_panels(torch.device("cpu"), torch.float32),
                                   reason="the float32 panel kernel runs on CPUs without AVX-512 where it builds")
+PANEL_REASONS = {torch.float32: "the float32 panel kernel runs on CPUs without AVX-512 where it builds",
+                 torch.bfloat16: "the bfloat16 panel kernel runs on CPUs with AVX512-BF16 and without AMX"}
+PANEL_DTYPES = [
+    pytest.param(dtype, marks=pytest.mark.skipif(not should_use_panels(torch.device("cpu"), dtype),
+                                                 reason=PANEL_REASONS[dtype]))
+    for dtype in (torch.float32, torch.bfloat16)
+]
 
 
-def assert_matches_f_linear(got: torch.Tensor, want: torch.Tensor) -> None:
-    if got.dtype == torch.bfloat16:  # F.linear is oneDNN too: the same sums in the same order
+def assert_matches_f_linear(got: torch.Tensor, want: torch.Tensor, panels: bool = False) -> None:
+    if got.dtype == torch.bfloat16 and not panels:  # F.linear is oneDNN too: the same sums in the same order
         assert torch.equal(got, want)
+    elif got.dtype == torch.bfloat16:  # float32 sums in another order, then one rounding: at most a bfloat16 step
+        torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-3)
     else:  # F.linear is MKL, which sums in another order: a few float32 roundings of sums of up to ~600 terms of ~1
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
 
@@ -50,30 +59,38 @@ def test_strided_input(dtype):
     assert_matches_f_linear(Linear(w, None, pack=True)(x), F.linear(x, w))
 
 
-@needs_panels
-@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 64, PANEL_ROWS + 44])
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
+@pytest.mark.parametrize("rows", [0, 1, 3, 4, 5, 9, 64, PANEL_ROWS + 44])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("shape", [(100, 70), (48, 600)], ids=["partial-panel", "two-depth-passes"])
-def test_panels_equal_f_linear(rows, bias, shape):
-    # widths that do not fill the last panel, depths beyond one pass of the kernel, row counts around its blocks
+@pytest.mark.parametrize("shape", [(100, 70), (48, 600), (130, 33)],
+                         ids=["partial-panel", "two-depth-passes", "odd-depth"])
+def test_panels_equal_f_linear(rows, bias, shape, dtype):
+    # widths that do not fill the last panel, depths beyond one pass of the float32 kernel and an odd one (bfloat16
+    # pairs its weights along k), row counts around the blocks of either kernel
     n, k = shape
     g = torch.Generator().manual_seed(rows)
-    w, b = torch.randn(n, k, generator=g), torch.randn(n, generator=g) if bias else None
-    x = torch.randn(rows, k, generator=g)
+    w, b = torch.randn(n, k, generator=g).to(dtype), torch.randn(n, generator=g).to(dtype) if bias else None
+    x = torch.randn(rows, k, generator=g).to(dtype)
     lin = Linear(w, b, pack=False, panels=True)
-    assert lin.panels is not None and lin.panels.shape[1:] == (k, lin.panels.shape[2])
-    assert_matches_f_linear(lin(x), F.linear(x, w, b))
-    assert_matches_f_linear(lin(x[::2]), F.linear(x[::2], w, b))  # rows apart in memory
+    assert lin.panels is not None and lin.panels.dtype == dtype
+    depth = k if dtype == torch.float32 else (k + 1) // 2  # float32 panels [P, K, NR], bfloat16 [P, K / 2, NR, 2]
+    assert lin.panels.shape[1] == depth and lin.panels.shape[0] == -(-n // lin.panels.shape[2])
+    assert_matches_f_linear(lin(x), F.linear(x, w, b), panels=True)
+    assert_matches_f_linear(lin(x[::2]), F.linear(x[::2], w, b), panels=True)  # rows apart in memory
+    if dtype == torch.bfloat16 and rows:  # against the exact sums: one rounding of float32 sums of exact products
+        exact = F.linear(x.double(), w.double(), None if b is None else b.double())
+        assert ((lin(x).double() - exact).abs() <= exact.abs() * 2**-8 + 1e-4 * k).all()
 
 
-@needs_panels
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
 @pytest.mark.parametrize("shape", [(24, 600), (100, 70)], ids=["one-panel", "several-panels"])
-def test_panels_on_one_thread(shape):
+def test_panels_on_one_thread(shape, dtype):
     # the kernel's loop runs inline, not in an OpenMP region, with one thread (a worker sharing a small host) or
     # one panel: the same sums as on two threads
     n, k = shape
     g = torch.Generator().manual_seed(n)
     w, b, x = torch.randn(n, k, generator=g), torch.randn(n, generator=g), torch.randn(64, k, generator=g)
+    w, b, x = w.to(dtype), b.to(dtype), x.to(dtype)
     lin = Linear(w, b, pack=False, panels=True)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -81,17 +98,17 @@ def test_panels_on_one_thread(shape):
         one = lin(x)
     finally:
         torch.set_num_threads(before)
-    assert_matches_f_linear(one, F.linear(x, w, b))
+    assert_matches_f_linear(one, F.linear(x, w, b), panels=True)
     assert torch.equal(one, lin(x))
 
 
-@needs_panels
-def test_panels_beside_onednn_split_by_rows(monkeypatch):
-    w, b = torch.randn(72, 64), torch.randn(72)
+@pytest.mark.parametrize("dtype", PANEL_DTYPES)
+def test_panels_beside_onednn_split_by_rows(monkeypatch, dtype):
+    w, b = torch.randn(72, 64).to(dtype), torch.randn(72).to(dtype)
     lin = Linear(w, b, pack=True, panels=True)
     calls = []
     monkeypatch.setattr(lin, "_panel_op", lambda *a: calls.append(a[1].shape[0]))
-    small, large = torch.randn(PANEL_ROWS, 64), torch.randn(PANEL_ROWS + 1, 64)
+    small, large = torch.randn(PANEL_ROWS, 64).to(dtype), torch.randn(PANEL_ROWS + 1, 64).to(dtype)
     lin(small)
     assert calls == [PANEL_ROWS]  # decode-sized steps go to the panel kernel
     assert_matches_f_linear(lin(large), F.linear(large, w, b))
@@ -100,8 +117,6 @@ def test_panels_beside_onednn_split_by_rows(monkeypatch):
 
 @needs_panels
 def test_panel_kernel_rejects_mismatched_shapes():
-    from worker import kernels
-
     ops = kernels.linear_ops()
     panels = ops.pack_linear(torch.randn(30, 16))
     out = torch.empty(4, 30)
@@ -110,14 +125,39 @@ def test_panel_kernel_rejects_mismatched_shapes():
     with pytest.raises(RuntimeError, match="panels"):
         ops.linear(torch.empty(4, 60), torch.randn(4, 16), panels, 60, None)
     with pytest.raises(RuntimeError, match="float32"):
-        ops.pack_linear(torch.randn(30, 16).to(torch.bfloat16))
+        ops.pack_linear(torch.randn(30, 16).to(torch.float16))
+    if "avx512_bf16" not in kernels.cpu_flags().split():  # the kernel is float32 only there
+        with pytest.raises(RuntimeError, match="float32"):
+            ops.pack_linear(torch.randn(30, 16).to(torch.bfloat16))
+
+
+@pytest.mark.skipif(not should_use_panels(torch.device("cpu"), torch.bfloat16), reason=PANEL_REASONS[torch.bfloat16])
+def test_bfloat16_panel_kernel_rejects_mismatched_shapes():
+    ops = kernels.linear_ops()
+    bf16 = torch.bfloat16
+    panels = ops.pack_linear(torch.randn(30, 16).to(bf16))
+    out = torch.empty(4, 30, dtype=bf16)
+    with pytest.raises(RuntimeError, match="columns"):
+        ops.linear(out, torch.randn(4, 18).to(bf16), panels, 30, None)
+    with pytest.raises(RuntimeError, match="panels"):
+        ops.linear(torch.empty(4, 200, dtype=bf16), torch.randn(4, 16).to(bf16), panels, 200, None)
+    with pytest.raises(RuntimeError, match="bfloat16 panels"):  # float32 panels handed to a bfloat16 step
+        ops.linear(out, torch.randn(4, 16).to(bf16), ops.pack_linear(torch.randn(30, 16)), 30, None)
+    with pytest.raises(RuntimeError, match="bias"):
+        ops.linear(out, torch.randn(4, 16).to(bf16), panels, 30, torch.randn(30))
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.pack_linear(torch.randn(30, 16).to(torch.float16))
 
 
 def test_where_packing_applies():
     assert not should_pack(torch.device("cpu"), torch.float16)
     assert not should_pack(torch.device("cuda"), torch.bfloat16)
-    assert not should_use_panels(torch.device("cpu"), torch.bfloat16)
+    flags = kernels.cpu_flags().split()
+    if "avx512_bf16" not in flags or "amx_bf16" in flags:
+        assert not should_use_panels(torch.device("cpu"), torch.bfloat16)
+    assert not should_use_panels(torch.device("cpu"), torch.float16)
     assert not should_use_panels(torch.device("cuda"), torch.float32)
+    assert not should_use_panels(torch.device("cuda"), torch.bfloat16)
     w = torch.randn(8, 4)
     plain = Linear(w, None, pack=False)
     assert plain.weight is w
@@ -158,9 +198,9 @@ def test_packed_model_gives_the_same_logits(variant, dtype, tmp_path, monkeypatc
     prompts = [[5, 9, 33, 2, 71, 8, 8, 100], [17, 3, 150, 42]]
     tables = [[0, 1], [2, 3]]
     chunks = [SeqChunk(p, 0, t) for p, t in zip(prompts, tables)]
-    assert_matches_f_linear(packed.forward(chunks).to(packed.dtype), plain.forward(chunks).to(packed.dtype))
+    assert_matches_f_linear(packed.forward(chunks).to(packed.dtype), plain.forward(chunks).to(packed.dtype), panels)
     steps = [SeqChunk([7], len(p), t) for p, t in zip(prompts, tables)]
-    assert_matches_f_linear(packed.forward(steps).to(packed.dtype), plain.forward(steps).to(packed.dtype))
+    assert_matches_f_linear(packed.forward(steps).to(packed.dtype), plain.forward(steps).to(packed.dtype), panels)
 
 
 AMX = "amx_bf16" in kernels.cpu_flags().split()

@@ -5,9 +5,11 @@
   at decode sizes costs about as much as the multiply. Results equal `F.linear`'s bit for bit in bfloat16. float32
   is packed too: there `F.linear` runs on MKL, which on the AVX2 EPYC these machines have reaches 44-88 GFLOP/s at
   64 rows where oneDNN reaches 110-125.
-- Nimbus's own float32 kernel (worker/csrc/linear.cpp: column panels, register-blocked) for steps of at most
-  PANEL_ROWS rows, on CPUs without AVX-512 (where it was measured): a batch-64 decode step of the default model
-  20% faster than on oneDNN alone, batch 8 45% faster; prefill blocks stay on oneDNN, which is as fast or faster
+- Nimbus's own kernel (worker/csrc/linear.cpp: column panels, register-blocked) for steps of at most PANEL_ROWS
+  rows, where it was measured faster than oneDNN: float32 on CPUs without AVX-512 (a batch-64 decode step of the
+  default model 20% faster than on oneDNN alone, batch 8 45% faster), and bfloat16 on AVX512-BF16 CPUs without
+  AMX (on vdpbf16ps: the model's 30 layers of projections at 64 rows 1.06-1.16x oneDNN's rate, at 1-8 rows
+  1.5-1.7x; docs/benchmarks.md, fourteenth pass). Prefill blocks stay on oneDNN, which is as fast or faster
   there. The weights are then held twice, once per layout (`weight_bytes` counts both).
 
 - The MLP's gate and up projections in bfloat16 on CPUs with AMX (`SiluGate`): two oneDNN matmuls with the SiLU and
@@ -15,8 +17,9 @@
   a layer's gate/up and SiLU over 2,048 rows 1.5-1.7x faster than gate_up then the SiLU op, a prefill step of
   the default model 2-15%, a batch-64 decode step about 1% slower (docs/benchmarks.md, thirteenth pass).
 
-float32 results differ from `F.linear`'s in the last bits (other summation orders; within 1e-5 relative); greedy
-output still equals transformers' (tests/test_smollm2.py, tests/test_server.py).
+The panel kernel's float32 results differ from `F.linear`'s in the last bits (other summation orders; within 1e-5
+relative), its bfloat16 results in an occasional last bit of the rounded output; greedy output still equals
+transformers' (tests/test_smollm2.py, tests/test_server.py).
 """
 
 from __future__ import annotations
@@ -117,10 +120,18 @@ def should_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def should_use_panels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether weights also get panels for the Nimbus float32 kernel: CPU, float32, no AVX-512 (the kernel is measured
-    and tuned on AVX2 only), and it builds here."""
-    return (device.type == "cpu" and dtype == torch.float32 and "avx512f" not in kernels.cpu_flags().split()
-            and _panels_work())
+    """Whether weights also get panels for the Nimbus kernel: CPU, and float32 without AVX-512 (tuned on AVX2) or
+    bfloat16 with AVX512-BF16 and without AMX (where oneDNN computes on tiles), and it builds and agrees here."""
+    if device.type != "cpu":
+        return False
+    flags = kernels.cpu_flags().split()
+    if dtype == torch.float32:
+        supported = "avx512f" not in flags
+    elif dtype == torch.bfloat16:
+        supported = "avx512_bf16" in flags and "amx_bf16" not in flags
+    else:
+        supported = False
+    return supported and _panels_work(dtype)
 
 
 @functools.cache
@@ -164,15 +175,19 @@ def _silu_gate_works() -> bool:
 
 
 @functools.cache
-def _panels_work() -> bool:
-    """The panel kernel builds, loads and agrees with F.linear; asked once per process, so a warning shows once."""
+def _panels_work(dtype: torch.dtype = torch.float32) -> bool:
+    """The panel kernel builds, loads and agrees with F.linear in `dtype` (to float32 rounding, or to one bfloat16
+    step); asked once per process and dtype, so a warning shows once."""
     try:
         g = torch.Generator().manual_seed(0)
         w, b, x = torch.randn(50, 40, generator=g), torch.randn(50, generator=g), torch.randn(5, 40, generator=g)
-        ok = torch.allclose(Linear(w, b, pack=False, panels=True)(x), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        w, b, x = w.to(dtype), b.to(dtype), x.to(dtype)
+        got, want = Linear(w, b, pack=False, panels=True)(x).float(), F.linear(x, w, b).float()
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        ok = torch.allclose(got, want, rtol=tol, atol=tol)
     except Exception as e:  # a missing compiler or ninja must not stop the worker: oneDNN and F.linear still work
-        log.warning("float32 panel kernel unavailable (%s); using oneDNN", e)
+        log.warning("%s panel kernel unavailable (%s); using oneDNN", dtype, e)
         return False
     if not ok:
-        log.warning("float32 panel kernel disagrees with F.linear here; using oneDNN")
+        log.warning("%s panel kernel disagrees with F.linear here; using oneDNN", dtype)
     return ok

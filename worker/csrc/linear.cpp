@@ -1,8 +1,10 @@
-// float32 y = x W^T + b for the worker's projections and LM head on CPUs without AVX-512 (worker/linear.py uses it
-// for steps of up to 256 rows and oneDNN above), on weights repacked once at load into column panels.
+// y = x W^T + b for the worker's projections and LM head, on weights repacked once at load into column panels:
+// float32 on CPUs without AVX-512, bfloat16 on CPUs with AVX512-BF16 and without AMX (worker/linear.py uses it for
+// steps of up to 256 rows and oneDNN above).
 //
-//   pack_linear(weight [N, K]) -> panels [ceil(N / NR), K, NR]   (zero columns pad the last panel)
-//   linear(out [M, N], x [M, K], panels, N, bias or None)        out = x W^T (+ bias)
+//   pack_linear(weight [N, K]) -> float32 panels [ceil(N / NR), K, NR], or bfloat16 [ceil(N / BNR), ceil(K / 2),
+//                                  BNR, 2] (zero columns pad the last panel)
+//   linear(out [M, N], x [M, K], panels, N, bias or None)        out = x W^T (+ bias), in x's dtype
 //
 // Why by hand: on the AVX2 EPYC these machines have (182 GFLOP/s of float32 FMA on two cores, measured), oneDNN's
 // packed kernels reach about 95 GFLOP/s on a decode step's 64 rows and 10-35 on 1-8 rows. This MR x NR kernel
@@ -12,17 +14,22 @@
 // every block of rows passes over it.
 //
 // Work is split over the torch threads by panels (each thread streams its own columns of the weight); rows go in
-// blocks of MC so a block of x stays in L2.
+// blocks of MC so a block of x stays in L2. The bfloat16 kernel is described where it starts, below.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <optional>
+
+#ifdef __AVX512BF16__
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -114,9 +121,7 @@ inline void rows(const float* x, int64_t ldx, int64_t m0, int64_t m1, const floa
   }
 }
 
-at::Tensor pack_linear(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kFloat && weight.device().is_cpu(),
-              "pack_linear takes a float32 CPU matrix [N, K]");
+at::Tensor pack_linear_f32(const at::Tensor& weight) {
   const at::Tensor w = weight.contiguous();
   const int64_t n = w.size(0), k = w.size(1), panels = (n + NR - 1) / NR;
   at::Tensor packed = at::zeros({panels, k, NR}, w.options());
@@ -130,8 +135,8 @@ at::Tensor pack_linear(const at::Tensor& weight) {
   return packed;
 }
 
-void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
-            const std::optional<at::Tensor>& bias) {
+void linear_f32(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.stride(1) == 1, "x must be float32 [M, K], rows contiguous");
   TORCH_CHECK(packed.dim() == 3 && packed.size(2) == NR && packed.is_contiguous() && packed.scalar_type() == at::kFloat,
               "packed must come from pack_linear on this CPU (panels of ", NR, ")");
@@ -169,6 +174,165 @@ void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int6
       }
     });
   }
+}
+
+#ifdef __AVX512BF16__
+// bfloat16 on AVX512-BF16 CPUs without AMX (worker/linear.py decides): vdpbf16ps multiplies a pair of bfloat16
+// along k and adds both products to a float32 lane, so the panels hold each column's weights as pairs,
+// [panels, ceil(K / 2), BNR] dwords of (w[col][2i], w[col][2i + 1]) (a zero pairs an odd K's last weight). A block
+// keeps BMR x BNB accumulators, the BNB panel vectors of one pair and a broadcast pair of x in registers (31 of 32):
+// per pair BNB loads and BMR broadcasts for BMR x BNB dot products, each 32 multiply-adds. The whole depth runs in
+// registers (a panel's K x BNR weights stay in L2 while the row blocks pass over them), so the float32 sums are
+// rounded to bfloat16 once, as oneDNN's are; only the summation order differs from it. On the Zen 4 (64 rows, the
+// model's projections with their weights from memory) 4 x 6 ran at 365-369 GFLOP/s, 8 x 3 at 364-376 and 6 x 4 at
+// 328-340; at 128 rows 4 x 6 led (408-420 against 383-400 and 353-367).
+constexpr int BNB = 6;
+constexpr int BNR = BNB * 16;  // 96 columns a panel
+constexpr int BMR = 4;
+constexpr int64_t BMC = 128;   // rows per pass over the panels: 128 rows of x of up to ~2,000 columns stay in L2
+
+using bf16 = c10::BFloat16;
+
+inline __m512bh pair_of(const bf16* p) {  // x[k], x[k + 1] as one dword, in every lane
+  uint32_t d;
+  std::memcpy(&d, p, sizeof d);
+  return (__m512bh)_mm512_set1_epi32(int32_t(d));
+}
+
+template <int R>
+__attribute__((noinline)) void block_bf16(const bf16* x, int64_t ldx, const uint32_t* panel, int64_t k, bf16* out,
+                                          int64_t ldo, int64_t ncols, const float* bias) {
+  __m512 acc[R][BNB];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < BNB; ++j) acc[r][j] = _mm512_setzero_ps();
+  const int64_t pairs = (k + 1) / 2, full = k / 2;
+  for (int64_t i = 0; i < pairs; ++i) {
+    __m512bh b[BNB];
+    for (int j = 0; j < BNB; ++j) {
+      b[j] = (__m512bh)_mm512_loadu_si512(panel + i * BNR + j * 16);
+      asm("" : "+v"(b[j]));  // one load per panel vector, kept for the R rows
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512bh a;
+      if (i < full) {
+        a = pair_of(x + r * ldx + 2 * i);
+      } else {  // an odd K's last column: (x[k - 1], 0), never reading past the row
+        uint16_t h;
+        std::memcpy(&h, x + r * ldx + 2 * i, sizeof h);
+        a = (__m512bh)_mm512_set1_epi32(int32_t(h));
+      }
+      for (int j = 0; j < BNB; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, b[j]);
+    }
+  }
+  if (bias)
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < BNB; ++j) acc[r][j] = _mm512_add_ps(acc[r][j], _mm512_loadu_ps(bias + j * 16));
+  for (int r = 0; r < R; ++r) {
+    // rounded to nearest even, as oneDNN's and torch's conversions are; a partial panel goes through a buffer
+    alignas(64) bf16 buf[BNR];
+    bf16* o = ncols == BNR ? out + r * ldo : buf;
+    int j = 0;
+    for (; j + 1 < BNB; j += 2)
+      _mm512_storeu_si512(o + j * 16, (__m512i)_mm512_cvtne2ps_pbh(acc[r][j + 1], acc[r][j]));
+    if constexpr (BNB % 2 == 1)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + j * 16), (__m256i)_mm512_cvtneps_pbh(acc[r][j]));
+    if (ncols < BNR) std::memcpy(out + r * ldo, buf, ncols * sizeof(bf16));
+  }
+}
+
+// Rows [m0, m1) of one panel in blocks of BMR, then the rest; meanwhile asks for the next panel's `pf_lines`
+// cache lines, a share before each block (as `rows` does for float32).
+void rows_bf16(const bf16* x, int64_t ldx, int64_t m0, int64_t m1, const uint32_t* panel, int64_t k, bf16* out,
+               int64_t ldo, int64_t ncols, const float* bias, const char* pf, int64_t pf_lines) {
+  const int64_t per = pf_lines / ((m1 - m0) / BMR + 1) + 1;
+  int64_t asked = 0;
+  int64_t m = m0;
+  for (; m + BMR <= m1; m += BMR) {
+    for (const int64_t e = std::min(pf_lines, asked + per); asked < e; ++asked) __builtin_prefetch(pf + asked * 64, 0, 2);
+    block_bf16<BMR>(x + m * ldx, ldx, panel, k, out + m * ldo, ldo, ncols, bias);
+  }
+  for (; asked < pf_lines; ++asked) __builtin_prefetch(pf + asked * 64, 0, 2);
+  const bf16* xm = x + m * ldx;
+  bf16* om = out + m * ldo;
+  switch (m1 - m) {
+    case 1: return block_bf16<1>(xm, ldx, panel, k, om, ldo, ncols, bias);
+    case 2: return block_bf16<2>(xm, ldx, panel, k, om, ldo, ncols, bias);
+    case 3: return block_bf16<3>(xm, ldx, panel, k, om, ldo, ncols, bias);
+  }
+  static_assert(BMR == 4, "the tail above takes up to BMR - 1 rows");
+}
+
+at::Tensor pack_linear_bf16(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t n = w.size(0), k = w.size(1), panels = (n + BNR - 1) / BNR, pairs = (k + 1) / 2;
+  at::Tensor packed = at::zeros({panels, pairs, BNR, 2}, w.options());
+  const bf16* src = w.const_data_ptr<bf16>();
+  bf16* dst = packed.data_ptr<bf16>();
+  for (int64_t col = 0; col < n; ++col) {
+    bf16* p = dst + ((col / BNR) * pairs * BNR + col % BNR) * 2;
+    const bf16* row = src + col * k;
+    for (int64_t i = 0; i < k; ++i) p[(i / 2) * BNR * 2 + i % 2] = row[i];
+  }
+  return packed;
+}
+
+void linear_bf16(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
+                 const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && x.stride(1) == 1, "x must be bfloat16 [M, K], rows contiguous");
+  TORCH_CHECK(packed.dim() == 4 && packed.size(2) == BNR && packed.size(3) == 2 && packed.is_contiguous() &&
+                  packed.scalar_type() == at::kBFloat16,
+              "packed must come from pack_linear on this CPU (bfloat16 panels of ", BNR, ")");
+  const int64_t m = x.size(0), k = x.size(1), panels = packed.size(0);
+  TORCH_CHECK(packed.size(1) == (k + 1) / 2, "x has ", k, " columns, the weight ", 2 * packed.size(1), " or one less");
+  TORCH_CHECK(n > (panels - 1) * BNR && n <= panels * BNR, "n = ", n, " does not match ", panels, " panels");
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.stride(1) == 1 &&
+                  out.scalar_type() == at::kBFloat16, "out must be bfloat16 [M, n], rows contiguous");
+  // the bias in float32, padded to whole panels: added to the float32 sums before they are rounded
+  at::Tensor b;
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n && bias->scalar_type() == at::kBFloat16,
+                "bias must be bfloat16 [n]");
+    b = at::zeros({panels * BNR}, x.options().dtype(at::kFloat));
+    b.narrow(0, 0, n).copy_(*bias);
+  }
+  if (m == 0) return;
+  const bf16* xp = x.const_data_ptr<bf16>();
+  const uint32_t* pp = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<bf16>());
+  const float* bp = bias ? b.const_data_ptr<float>() : nullptr;
+  bf16* op = out.data_ptr<bf16>();
+  const int64_t ldx = x.stride(0), ldo = out.stride(0), stride = packed.size(1) * BNR;
+  for (int64_t m0 = 0; m0 < m; m0 += BMC) {
+    const int64_t m1 = std::min(m, m0 + BMC);
+    const int64_t lines = m1 - m0 >= PREFETCH_ROWS ? stride * int64_t(sizeof(uint32_t)) / 64 : 0;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint32_t* panel = pp + p * stride;
+        // the next panel lies right after this one (the last one's request runs past the end, which is harmless)
+        rows_bf16(xp, ldx, m0, m1, panel, k, op + p * BNR, ldo, std::min<int64_t>(BNR, n - p * BNR),
+                  bp ? bp + p * BNR : nullptr, reinterpret_cast<const char*>(panel + stride), p + 1 < panels ? lines : 0);
+      }
+    });
+  }
+}
+#endif
+
+at::Tensor pack_linear(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.device().is_cpu(), "pack_linear takes a CPU matrix [N, K]");
+#ifdef __AVX512BF16__
+  if (weight.scalar_type() == at::kBFloat16) return pack_linear_bf16(weight);
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "pack_linear takes a float32 or bfloat16 matrix");
+#else
+  TORCH_CHECK(weight.scalar_type() == at::kFloat, "pack_linear takes a float32 matrix here (bfloat16 needs AVX512-BF16)");
+#endif
+  return pack_linear_f32(weight);
+}
+
+void linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed, int64_t n,
+            const std::optional<at::Tensor>& bias) {
+#ifdef __AVX512BF16__
+  if (x.scalar_type() == at::kBFloat16) return linear_bf16(out, x, packed, n, bias);
+#endif
+  linear_f32(out, x, packed, n, bias);
 }
 
 }  // namespace
