@@ -198,8 +198,28 @@ inline vf reduce_lanes(const vf* d) {
 }
 #endif
 
+#ifdef __AVX512F__
+// exp(x) for softmax weights that are rounded to bfloat16 (8 significant bits) right after (prefill_dp, prefill_amx):
+// 2^f on [-0.5, 0.5] by a degree-4 polynomial (relative error 2.7e-6, fitted here) and vscalefps for the power of
+// two, which also takes very negative x to zero without the clamps of vexp. Half vexp's instructions.
+inline __m512 exp_weights(__m512 x) {
+  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009560510516166687f), f, _mm512_set1_ps(0.05591703951358795f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024981260299683f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999991655349731f));
+  return _mm512_scalef_ps(p, n);
+}
+
+#endif
+
 // Softmax of one row's scores s[0, n) in place, padded with zeros to the next multiple of W; returns the sum of
-// the exponentials (s is left unnormalised: the caller divides once at the end).
+// the exponentials (s is left unnormalised: the caller divides once at the end). `Rounded`: the caller rounds the
+// weights to bfloat16, so where there is AVX-512 they take exp_weights, half vexp's instructions (a bfloat16 prefill
+// layer of 8 x 256 tokens on the Zen 4: docs/benchmarks.md, fourteenth pass).
+template <bool Rounded = false>
 inline float exp_row(float* s, int64_t n, float& row_max) {
   vf m = splat(NEG_INF);
   int64_t j = 0;
@@ -214,7 +234,13 @@ inline float exp_row(float* s, int64_t n, float& row_max) {
   row_max = hmax(m);
   vf sum{};
   for (j = 0; j < n; j += W) {
-    const vf e = IOTA < int(n - j) ? vexp(loadu(s + j) - row_max) : vf{};
+    vf e;
+#ifdef __AVX512F__
+    if constexpr (Rounded) e = std::bit_cast<vf>(exp_weights(std::bit_cast<__m512>(loadu(s + j) - row_max)));
+    else
+#endif
+      e = vexp(loadu(s + j) - row_max);
+    e = IOTA < int(n - j) ? e : vf{};
     sum += e;
     storeu(s + j, e);
   }
@@ -491,10 +517,11 @@ inline void stage_keys(const T* kc, const T* vc, const int64_t* rows, int64_t cn
 // One stage's online-softmax update of a prefill row: exponentiates its visible scores in place (zeros up to
 // `width`, where the value product reads), rescales the row's accumulator when this stage raised its maximum, and
 // returns the factor this stage's weights still need (1 unless an earlier stage saw a larger score).
+template <bool Rounded = false>
 inline float online_softmax(float* sr, int64_t vis, int64_t width, float& row_max, float& row_sum, float* acc,
                             int64_t d) {
   float m;
-  const float total = exp_row(sr, vis, m);
+  const float total = exp_row<Rounded>(sr, vis, m);
   std::fill(sr + vis, sr + width, 0.0f);
   const float new_max = std::max(row_max, m);
   float f = 1.0f;
@@ -735,7 +762,7 @@ void prefill_dp(const Problem& P, const Item& it, Scratch& S) {
     }
     for (int64_t r = r_begin; r < nrows; ++r) {
       float* sr = s + r * KC;
-      const float f = online_softmax(sr, visible(r), tiles * W, S.max[r], S.sum[r], S.acc.data() + r * d, d);
+      const float f = online_softmax<true>(sr, visible(r), tiles * W, S.max[r], S.sum[r], S.acc.data() + r * d, d);
       for (int64_t j = 0; j < tiles * W; j += W)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(hp + r * KC + j),
                             reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(sr + j) * f)));
@@ -922,20 +949,6 @@ inline void transpose16(const void* in, int64_t in_stride, int64_t n, void* out)
     _mm512_storeu_si512(o + (4 + k) * 64, _mm512_permutex2var_epi64(a1, lo2, b1));   // L1
     _mm512_storeu_si512(o + (12 + k) * 64, _mm512_permutex2var_epi64(a1, hi2, b1));  // L3
   }
-}
-
-// exp(x) for the softmax weights of prefill_amx, which are rounded to bfloat16 (8 significant bits) right after:
-// 2^f on [-0.5, 0.5] by a degree-4 polynomial (relative error 2.7e-6, fitted here) and vscalefps for the power of
-// two, which also takes very negative x to zero without the clamps of vexp. Half vexp's instructions.
-inline __m512 exp_weights(__m512 x) {
-  const __m512 t = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009560510516166687f), f, _mm512_set1_ps(0.05591703951358795f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024981260299683f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6931219696998596f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999991655349731f));
-  return _mm512_scalef_ps(p, n);
 }
 
 // Stages keys [0, key_end) of one kv head (element offset hoff in a row) from the pool rows at `rows`: K^T tiles
