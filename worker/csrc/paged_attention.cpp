@@ -260,6 +260,17 @@ inline void prefetch_row(const T* p, int nv) {
     __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0, 2);
 }
 
+// The first AHEAD positions of a pass, kv heads [h0, h1) (adjacent in a pool row), asked for at once before the
+// pass needs them: the pass's own requests only start AHEAD positions in. decode_dp does this for its K pass: on
+// the Zen 4, 64 decodes at context 320 from DRAM took 0.62-0.69 ms a layer against 0.64-0.90 (six alternating
+// runs each); the same for its V pass, and for the float path in float32, measured no gain.
+template <typename T>
+inline void prefetch_start(const T* c, const int64_t* rows, int64_t ctx, int64_t h0, int64_t h1, int64_t d) {
+  const int64_t bytes = (h1 - h0) * d * int64_t(sizeof(T));
+  for (int64_t j = 0; j < std::min<int64_t>(AHEAD, ctx); ++j)
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(c + rows[j] + h0 * d) + b, 0, 2);
+}
+
 // Decode rows: scores of R query heads (sharing a kv head) against up to W keys; q rows are pre-scaled floats.
 template <typename T, int NV, int R>
 inline void decode_scores(const T* kc, const int64_t* rows, int64_t n, int64_t hoff, const float* q, int nv,
@@ -856,6 +867,7 @@ void decode_dp(const Problem& P, const Item& it, Scratch& S) {
   tile_rows(P, P.block_tables + it.seq * P.table_stride, 0, ctx, rows);
   float* s = S.s.data();
   T* hp = reinterpret_cast<T*>(s + heads * stride);
+  prefetch_start(kc, rows, ctx, h0, h1, d);
 
   for (int64_t k0 = 0; k0 < ctx; k0 += W) {
     const int64_t n = std::min<int64_t>(W, ctx - k0);
