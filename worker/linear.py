@@ -8,7 +8,7 @@
 - Nimbus's own kernel (worker/csrc/linear.cpp: column panels, register-blocked) for steps of at most PANEL_ROWS
   rows, where it was measured faster than oneDNN: float32 on CPUs without AVX-512 (a batch-64 decode step of the
   default model 20% faster than on oneDNN alone, batch 8 45% faster), and bfloat16 on AVX512-BF16 CPUs without
-  AMX (on vdpbf16ps: the model's 30 layers of projections at 64 rows 1.06-1.16x oneDNN's rate, at 1-8 rows
+  AMX (on vdpbf16ps: the model's 30 layers of projections at 64 rows 1.10-1.11x oneDNN's rate, at 1-8 rows
   1.5-1.7x; docs/benchmarks.md, fourteenth pass). Prefill blocks stay on oneDNN, which is as fast or faster
   there. The weights are then held twice, once per layout (`weight_bytes` counts both).
 
@@ -18,8 +18,8 @@
   the default model 2-15%, a batch-64 decode step about 1% slower (docs/benchmarks.md, thirteenth pass).
 
 The panel kernel's float32 results differ from `F.linear`'s in the last bits (other summation orders; within 1e-5
-relative), its bfloat16 results in an occasional last bit of the rounded output; greedy output still equals
-transformers' (tests/test_smollm2.py, tests/test_server.py).
+relative), its bfloat16 results in an occasional last bit of the rounded output; float32 greedy output still
+equals transformers' (tests/test_smollm2.py, tests/test_server.py).
 """
 
 from __future__ import annotations
@@ -175,7 +175,7 @@ def _silu_gate_works() -> bool:
 
 
 @functools.cache
-def _panels_work(dtype: torch.dtype = torch.float32) -> bool:
+def _panels_work(dtype: torch.dtype) -> bool:
     """The panel kernel builds, loads and agrees with F.linear in `dtype` (to float32 rounding, or to one bfloat16
     step); asked once per process and dtype, so a warning shows once."""
     try:
