@@ -18,8 +18,8 @@ DTYPES = [
     for dtype in (torch.bfloat16, torch.float32)
 ]
 needs_panels = pytest.mark.skipif(not should_use_panels(torch.device("cpu"), torch.float32),
-                                  reason="the float32 panel kernel runs on CPUs without AVX-512 where it builds")
-PANEL_REASONS = {torch.float32: "the float32 panel kernel runs on CPUs without AVX-512 where it builds",
+                                  reason="the float32 panel kernel runs on CPUs without AMX where it builds")
+PANEL_REASONS = {torch.float32: "the float32 panel kernel runs on CPUs without AMX where it builds",
                  torch.bfloat16: "the bfloat16 panel kernel runs on CPUs with AVX512-BF16 and without AMX"}
 PANEL_DTYPES = [
     pytest.param(dtype, marks=pytest.mark.skipif(not should_use_panels(torch.device("cpu"), dtype),

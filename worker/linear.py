@@ -6,10 +6,11 @@
   is packed too: there `F.linear` runs on MKL, which on the AVX2 EPYC these machines have reaches 44-88 GFLOP/s at
   64 rows where oneDNN reaches 110-125.
 - Nimbus's own kernel (worker/csrc/linear.cpp: column panels, register-blocked) for steps of at most PANEL_ROWS
-  rows, where it was measured faster than oneDNN: float32 on CPUs without AVX-512 (a batch-64 decode step of the
-  default model 20% faster than on oneDNN alone, batch 8 45% faster), and bfloat16 on AVX512-BF16 CPUs without
-  AMX (on vdpbf16ps: the model's 30 layers of projections at 64 rows 1.10-1.11x oneDNN's rate, at 1-8 rows
-  1.5-1.7x; docs/benchmarks.md, fourteenth pass). Prefill blocks stay on oneDNN, which is as fast or faster
+  rows, where it was measured faster than oneDNN: float32 on CPUs without AMX (on the AVX2 Zen 3 a batch-64 decode
+  step of the default model 20% faster than on oneDNN alone, batch 8 45% faster; on the AVX-512 Zen 4 batch 1
+  1.25-1.45x, batch 64 1.0-1.17x), and bfloat16 on AVX512-BF16 CPUs without AMX (on vdpbf16ps: the model's
+  30 layers of projections at 64 rows 1.10-1.11x oneDNN's rate, at 1-8 rows 1.5-1.7x; docs/benchmarks.md,
+  fourteenth pass). Prefill blocks stay on oneDNN, which is as fast or faster
   there. The weights are then held twice, once per layout (`weight_bytes` counts both).
 
 - The MLP's gate and up projections in bfloat16 on CPUs with AMX (`SiluGate`): two oneDNN matmuls with the SiLU and
@@ -120,13 +121,14 @@ def should_pack(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def should_use_panels(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether weights also get panels for the Nimbus kernel: CPU, and float32 without AVX-512 (tuned on AVX2) or
-    bfloat16 with AVX512-BF16 and without AMX (where oneDNN computes on tiles), and it builds and agrees here."""
+    """Whether weights also get panels for the Nimbus kernel: a CPU without AMX (where oneDNN computes bfloat16 on
+    tiles, and its float32 was not measured against the kernel), float32 there or bfloat16 with AVX512-BF16, and
+    the kernel builds and agrees with F.linear here."""
     if device.type != "cpu":
         return False
     flags = kernels.cpu_flags().split()
-    if dtype == torch.float32:
-        supported = "avx512f" not in flags
+    if dtype == torch.float32:  # measured on the AVX2 Zen 3 and the AVX-512 Zen 4; on AMX, oneDNN only
+        supported = "amx_bf16" not in flags
     elif dtype == torch.bfloat16:
         supported = "avx512_bf16" in flags and "amx_bf16" not in flags
     else:

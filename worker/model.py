@@ -278,9 +278,9 @@ class CausalLM(nn.Module):
 
     def pack_weights(self) -> bool:
         """Repacks every projection and the LM head for the CPU kernels where that pays (worker/linear.py: oneDNN in
-        float32 and bfloat16, plus the panel kernel in float32 on AVX2 and in bfloat16 on AVX512-BF16 without AMX, and the MLP's gate/up as a fused SiLU gate in
-        bfloat16 on AMX) and frees the plain copies of the projections; True if it did. Call once, after the weights
-        are loaded.
+        float32 and bfloat16; without AMX also the panel kernel, in float32 and in bfloat16 on AVX512-BF16; on AMX
+        the MLP's gate/up as a fused SiLU gate in bfloat16) and frees the plain copies of the projections; True if
+        it did. Call once, after the weights are loaded.
 
         A tied LM head keeps its plain matrix too, as the embedding table: packing it costs one more copy of the
         vocabulary matrix per layout (counted by weight_bytes) and buys the largest multiply of a decode step its

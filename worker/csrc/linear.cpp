@@ -1,5 +1,5 @@
 // y = x W^T + b for the worker's projections and LM head, on weights repacked once at load into column panels:
-// float32 on CPUs without AVX-512, bfloat16 on CPUs with AVX512-BF16 and without AMX (worker/linear.py uses it for
+// float32 on CPUs without AMX, bfloat16 on CPUs with AVX512-BF16 and without AMX (worker/linear.py uses it for
 // steps of up to 256 rows and oneDNN above).
 //
 //   pack_linear(weight [N, K]) -> float32 panels [ceil(N / NR), K, NR], or bfloat16 [ceil(N / BNR), ceil(K / 2),
