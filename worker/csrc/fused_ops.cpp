@@ -43,17 +43,7 @@ constexpr int64_t GRAIN_MEMORY_BOUND = 65536;
 constexpr int64_t GRAIN_SILU = 8192;
 
 inline vf load(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
-inline vf load(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
-#ifdef __AVX512F__
-  // one widening load and a shift; GCC 12 compiles the generic form below to two half-width loads and an insert
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return std::bit_cast<vf>(_mm512_slli_epi32(wide, 16));
-#else
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return std::bit_cast<vf>(__builtin_convertvector(h, vu) << 16);
-#endif
-}
+inline vf load(const c10::BFloat16* p) { return widen_bf16(p); }
 
 #ifdef __AVX512BF16__
 // vcvtneps2bf16 rounds to nearest even in one instruction, where the integer form below takes six; it differs from

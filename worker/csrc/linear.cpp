@@ -294,18 +294,13 @@ void linear_bf16(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
   TORCH_CHECK(n > (panels - 1) * BNR && n <= panels * BNR, "n = ", n, " does not match ", panels, " panels");
   TORCH_CHECK(out.dim() == 2 && out.size(0) == m && out.size(1) == n && out.stride(1) == 1 &&
                   out.scalar_type() == at::kBFloat16, "out must be bfloat16 [M, n], rows contiguous");
-  // the bias in float32, padded to whole panels: added to the float32 sums before they are rounded
-  at::Tensor b;
-  if (bias) {
-    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n && bias->scalar_type() == at::kBFloat16,
-                "bias must be bfloat16 [n]");
-    b = at::zeros({panels * BNR}, x.options().dtype(at::kFloat));
-    b.narrow(0, 0, n).copy_(*bias);
-  }
+  if (bias)
+    TORCH_CHECK(bias->dim() == 1 && bias->numel() == n && bias->is_contiguous() &&
+                    bias->scalar_type() == at::kBFloat16, "bias must be bfloat16 [n]");
   if (m == 0) return;
   const bf16* xp = x.const_data_ptr<bf16>();
   const uint32_t* pp = reinterpret_cast<const uint32_t*>(packed.const_data_ptr<bf16>());
-  const float* bp = bias ? b.const_data_ptr<float>() : nullptr;
+  const bf16* bp = bias ? bias->const_data_ptr<bf16>() : nullptr;
   bf16* op = out.data_ptr<bf16>();
   const int64_t ldx = x.stride(0), ldo = out.stride(0), stride = packed.size(1) * BNR;
   for (int64_t m0 = 0; m0 < m; m0 += BMC) {
@@ -314,9 +309,13 @@ void linear_bf16(at::Tensor& out, const at::Tensor& x, const at::Tensor& packed,
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const uint32_t* panel = pp + p * stride;
+        const int64_t ncols = std::min<int64_t>(BNR, n - p * BNR);
+        // the panel's bias in float32 (added to the sums before they are rounded), zero past ncols
+        alignas(64) float pb[BNR] = {};
+        for (int64_t c = 0; bp && c < ncols; ++c) pb[c] = float(bp[p * BNR + c]);
         // the next panel lies right after this one (the last one's request runs past the end, which is harmless)
-        rows_bf16(xp, ldx, m0, m1, panel, k, op + p * BNR, ldo, std::min<int64_t>(BNR, n - p * BNR),
-                  bp ? bp + p * BNR : nullptr, reinterpret_cast<const char*>(panel + stride), p + 1 < panels ? lines : 0);
+        rows_bf16(xp, ldx, m0, m1, panel, k, op + p * BNR, ldo, ncols, bp ? pb : nullptr,
+                  reinterpret_cast<const char*>(panel + stride), p + 1 < panels ? lines : 0);
       }
     });
   }

@@ -69,17 +69,7 @@ const vi IOTA = iota();
 inline vf loadu(const float* p) { vf v; std::memcpy(&v, p, sizeof v); return v; }
 inline void storeu(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
 inline vf loadv(const float* p) { return loadu(p); }
-inline vf loadv(const c10::BFloat16* p) {  // bfloat16 is the top half of a float
-#ifdef __AVX512F__
-  // one widening load; the generic form below compiles to two half-width ones and a lane insert
-  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return std::bit_cast<vf>(_mm512_slli_epi32(wide, 16));
-#else
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return std::bit_cast<vf>(__builtin_convertvector(h, vi) << 16);
-#endif
-}
+inline vf loadv(const c10::BFloat16* p) { return widen_bf16(p); }
 inline void store_row(float* dst, const float* src, int64_t d) { std::memcpy(dst, src, d * sizeof(float)); }
 // Rounded to nearest even as c10::BFloat16 rounds (NaN to its quiet NaN), a vector at a time (d is a multiple of W):
 // the scalar conversion per element took about a third of a bfloat16 prefill item's time.

@@ -7,6 +7,7 @@
 
 #include <bit>
 #include <cstdint>
+#include <cstring>
 
 #ifdef __AVX512F__
 #define NIMBUS_VW 16
@@ -22,6 +23,20 @@ typedef uint32_t vu __attribute__((vector_size(VW * 4)));
 typedef uint16_t vh __attribute__((vector_size(VW * 2)));
 
 inline vf splat(float x) { return vf{} + x; }
+
+// W bfloat16 values at p widened to floats (bfloat16 is the top half of a float). On AVX-512 one widening load and a
+// shift, from <immintrin.h>, which the includer includes outside its namespace; GCC 12 compiles the generic form to
+// two half-width loads and a lane insert.
+inline vf widen_bf16(const void* p) {
+#ifdef __AVX512F__
+  const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(static_cast<const __m256i*>(p)));
+  return std::bit_cast<vf>(_mm512_slli_epi32(wide, 16));
+#else
+  vh h;
+  std::memcpy(&h, p, sizeof h);
+  return std::bit_cast<vf>(__builtin_convertvector(h, vu) << 16);
+#endif
+}
 
 // The low and high halves of a vector, as vectors of 8 floats (AVX-512) or 4 (AVX2).
 #if NIMBUS_VW == 16
